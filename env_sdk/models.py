@@ -1,0 +1,196 @@
+"""The wire protocol (v1) as pydantic models.
+
+These are the single source of truth for `protocol/schemas/*.json` (regenerate with
+`python -m env_sdk.schema`). Field names follow Fireworks' eval-protocol remote rollout
+format; openrft's additions are all optional, so an eval-protocol body validates as is.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROTOCOL_VERSION = "1"
+
+
+class StatusCode(IntEnum):
+    """gRPC codes 0-16 plus eval-protocol's 100-103."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+    FINISHED = 100
+    RUNNING = 101
+    SCORE_INVALID = 102
+    RESPONSE_QUALITY_ERROR = 103
+
+
+#: Codes that mean "the rollout ended well"; every other terminal code is a failure.
+SUCCESS_CODES = frozenset({StatusCode.OK, StatusCode.FINISHED})
+
+
+class _Open(BaseModel):
+    """Unknown fields are kept: peers may send more than v1 names."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Status(_Open):
+    code: int = Field(description="A StatusCode value (gRPC 0-16, or 100-103).")
+    message: str = ""
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.code in SUCCESS_CODES
+
+    @classmethod
+    def finished(cls, message: str = "Rollout finished") -> Status:
+        return cls(code=StatusCode.FINISHED, message=message)
+
+    @classmethod
+    def running(cls) -> Status:
+        return cls(code=StatusCode.RUNNING, message="Rollout is running")
+
+    @classmethod
+    def error(cls, code: StatusCode, message: str) -> Status:
+        return cls(code=code, message=message)
+
+
+# --- OpenAI chat format -------------------------------------------------------------------
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str = Field(description="JSON-encoded arguments, as the OpenAI API sends them.")
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Open):
+    role: str = Field(description="system, user, assistant or tool")
+    content: str | list[dict[str, Any]] | None = ""
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionSpec(_Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+# --- /init --------------------------------------------------------------------------------
+
+
+class RolloutMetadata(_Open):
+    invocation_id: str
+    experiment_id: str
+    rollout_id: str = Field(min_length=1, max_length=256)
+    run_id: str
+    row_id: str
+
+
+class InitRequest(_Open):
+    """Body of `POST /init`: eval-protocol's InitRequest plus optional openrft fields."""
+
+    completion_params: dict[str, Any] = Field(
+        default_factory=dict, description="model, temperature, max_tokens, ... for the env's model calls"
+    )
+    messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None
+    model_base_url: str | None = None
+    metadata: RolloutMetadata
+    api_key: str | None = None
+    # openrft additions
+    deadline_s: float | None = Field(
+        default=None, gt=0, description="openrft: seconds the env may spend before DEADLINE_EXCEEDED"
+    )
+    task_metadata: dict[str, Any] | None = Field(
+        default=None, description="openrft: the dataset row's `metadata` (never its ground_truth)"
+    )
+
+
+class InitResponse(BaseModel):
+    status: Literal["accepted"] = "accepted"
+    rollout_id: str
+
+
+# --- /status ------------------------------------------------------------------------------
+
+
+class StatusResponse(_Open):
+    """Body of `GET /status`. `terminated`, `status`, `info` are eval-protocol's; the rest openrft's."""
+
+    terminated: bool
+    status: Status | None = None
+    info: dict[str, Any] | None = None
+    reward: float | None = None
+    metrics: dict[str, float] | None = None
+    termination_reason: str | None = None
+    messages: list[Message] | None = Field(
+        default=None, description="openrft: the final conversation as the env saw it"
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"] = "ok"
+    protocol_version: str = PROTOCOL_VERSION
+    capacity: int
+    in_flight: int
+    available: int
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+class EvaluationResult(BaseModel):
+    """What an evaluator or grader returns. A score outside [0, 1] or NaN is rejected."""
+
+    score: float
+    reason: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("score")
+    @classmethod
+    def _score_in_range(cls, v: float) -> float:
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"score must be within [0, 1], got {v!r}")
+        return v
+
+
+class Task(_Open):
+    """One dataset row: what a rollout starts from. ground_truth stays on the trainer side."""
+
+    messages: list[Message] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    ground_truth: Any = None
+    metadata: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""openrft trainer: gateway, rollout scheduler, GRPO LoRA learner, CLI."""

@@ -1,0 +1,50 @@
+"""`openrft` command line. Each subcommand lives in its own module and parses its own
+arguments; this file only dispatches, importing lazily so that `openrft env serve` works
+on the light install (no torch)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> ("module:function", one-line help). function(argv: list[str]) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("env_sdk.cli:env_main", "serve an env server (`env serve MODULE:OBJECT`) or write a reference dataset"),
+    "conformance": ("env_sdk.conformance:main", "check an env server against protocol v1"),
+    "model": ("trainer.models:main", "build a local model directory (`tiny`, `smollm2`)"),
+    "train": ("trainer.run:main", "train a LoRA adapter with GRPO against remote envs"),
+    "eval": ("trainer.evaluate:main", "mean reward and pass@k of a model on a dataset"),
+    "serve": ("trainer.serve:main", "serve a model (+ adapter) behind an OpenAI-compatible API"),
+    "export": ("trainer.export:main", "write an adapter, or a merged model with --merge"),
+    "report": ("trainer.report:main", "rebuild RUN_DIR/report.html"),
+    "demo": ("trainer.demo:main", "the main job end to end: SmolLM2 learns arithmetic on CPU"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: openrft COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"openrft: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # the light install has no torch
+        print(f"openrft {name}: needs the training extra (pip install 'openrft[train]'): {exc}", file=sys.stderr)
+        return 2
+    return int(getattr(module, func_name)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
