@@ -10,6 +10,7 @@ import sys
 # subcommand -> ("module:function", one-line help). function(argv: list[str]) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("env_sdk.cli:env_main", "serve an env server (`env serve MODULE:OBJECT`) or write a reference dataset"),
+    "dataset": ("reference_envs.datasets:main", "write a reference env's dataset (JSONL) from a seed"),
     "conformance": ("env_sdk.conformance:main", "check an env server against protocol v1"),
     "model": ("trainer.models:main", "build a local model directory (`tiny`, `smollm2`)"),
     "train": ("trainer.run:main", "train a LoRA adapter with GRPO against remote envs"),
