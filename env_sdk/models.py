@@ -194,3 +194,43 @@ class Task(_Open):
     tools: list[dict[str, Any]] | None = None
     ground_truth: Any = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- openrft endpoints beyond eval-protocol's (added for /status/batch, /cancel, /version) --
+
+
+class StatusBatchRequest(BaseModel):
+    """Body of `POST /status/batch`: long-poll many rollouts at once."""
+
+    rollout_ids: list[str] = Field(min_length=1, max_length=10_000)
+    wait_s: float = Field(
+        default=0.0, ge=0, le=60, description="return as soon as one listed rollout is terminal, or after wait_s"
+    )
+
+
+class StatusBatchResponse(BaseModel):
+    statuses: dict[str, StatusResponse] = Field(description="the TERMINAL rollouts among rollout_ids, by id")
+    unknown: list[str] = Field(default_factory=list, description="ids the server does not know (404 for /status)")
+
+
+class CancelResponse(BaseModel):
+    rollout_id: str
+    cancelled: bool = Field(description="true when this call stopped a running rollout")
+
+
+class VersionResponse(BaseModel):
+    protocol_version: str = PROTOCOL_VERSION
+    name: str = Field(description="the env server's name")
+    sdk: str = Field(default="", description="implementation and version, e.g. openrft-env-sdk/0.1.0")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="dotted path of the offending field, e.g. metadata.rollout_id")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    detail: str
+    errors: list[FieldError] | None = None
