@@ -1,0 +1,259 @@
+"""Async client for protocol-v1 env servers: one pooled httpx connection set, tenacity retries
+on what the spec calls retryable (transport errors, 5xx, 429/503 honouring Retry-After), and the
+error hierarchy of `env_sdk.errors` for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from env_sdk.errors import (
+    EnvHTTPError,
+    EnvProtocolError,
+    EnvUnreachableError,
+    NotFoundError,
+    WaitTimeoutError,
+    http_error,
+)
+from env_sdk.models import (
+    Health,
+    InitRequest,
+    InitResponse,
+    Status,
+    StatusBatchResponse,
+    StatusCode,
+    StatusResponse,
+    VersionResponse,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Longest long-poll a single request asks for (the server caps wait_s at 60).
+MAX_WAIT_S = 30.0
+#: Most ids in one POST /status/batch (the server's limit).
+BATCH_MAX_IDS = 10_000
+#: Longest Retry-After honoured; a server asking for more gets this.
+MAX_RETRY_AFTER_S = 30.0
+
+
+class _Retry(Exception):
+    """A retryable outcome: an error response or a transport exception."""
+
+    def __init__(self, response: httpx.Response | None = None, exc: httpx.TransportError | None = None) -> None:
+        self.response = response
+        self.exc = exc
+        self.retry_after: float | None = None
+        if response is not None:
+            try:
+                self.retry_after = max(0.0, float(response.headers.get("retry-after", "")))
+            except ValueError:  # absent, or an HTTP date: fall back to backoff
+                self.retry_after = None
+
+
+def _unknown_status(rollout_id: str) -> StatusResponse:
+    return StatusResponse(
+        terminated=True,
+        info={},
+        status=Status.error(StatusCode.NOT_FOUND,
+                            f"env server does not know rollout {rollout_id!r} (restarted, or result expired)"),
+    )
+
+
+class EnvClient:
+    """Talks to one env server. Use as `async with EnvClient(url) as env: ...` or call `aclose()`.
+
+    timeout: seconds for connect / read of one request (long-polls add their wait on top).
+    max_retries: retries after the first attempt, for retryable failures only.
+    max_connections: size of the connection pool; requests beyond it queue, they do not open sockets.
+    """
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0,
+                 max_retries: int = 3, max_connections: int = 256) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, pool=None),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self._batch_supported = True
+
+    async def __aenter__(self) -> EnvClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- transport ------------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retry) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_RETRY_AFTER_S)
+        return min(0.1 * 2 ** (state.attempt_number - 1), 5.0) * random.uniform(0.5, 1.5)
+
+    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                       content: bytes | None = None, wait_s: float = 0.0) -> httpx.Response:
+        """One request with retries. Every v1 endpoint is idempotent, so every retry is safe."""
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        timeout = httpx.Timeout(self.timeout + wait_s, pool=None)
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
+                                 retry=retry_if_exception_type(_Retry), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        resp = await self._http.request(method, path, params=params, content=content,
+                                                        headers=headers, timeout=timeout)
+                    except httpx.TransportError as exc:
+                        raise _Retry(exc=exc) from exc
+                    if resp.status_code == 429 or resp.status_code >= 500:
+                        raise _Retry(response=resp)
+                    if resp.status_code >= 400:
+                        raise http_error(resp.status_code, resp.text, method, f"{self.base_url}{path}")
+                    return resp
+        except _Retry as failure:
+            if failure.response is not None:
+                r = failure.response
+                raise http_error(r.status_code, r.text, method, f"{self.base_url}{path}") from None
+            attempts = self.max_retries + 1
+            raise EnvUnreachableError(
+                f"{method} {self.base_url}{path}: {type(failure.exc).__name__}: {failure.exc} "
+                f"(after {attempts} attempt{'s' * (attempts > 1)})"
+            ) from failure.exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _parse(self, model: type[M], resp: httpx.Response) -> M:
+        try:
+            return model.model_validate_json(resp.content)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+            raise EnvProtocolError(
+                f"{resp.request.method} {resp.request.url}: answer is not a valid {model.__name__}: {problems}"
+            ) from None
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    async def init(self, request: InitRequest) -> InitResponse:
+        """Start a rollout. Safe to repeat: the server starts one rollout per rollout_id."""
+        resp = await self._request("POST", "/init", content=request.model_dump_json(exclude_none=True).encode())
+        if not resp.content:  # some servers answer 202 with an empty body
+            return InitResponse(rollout_id=request.metadata.rollout_id)
+        return self._parse(InitResponse, resp)
+
+    async def status(self, rollout_id: str, *, wait_s: float = 0.0) -> StatusResponse:
+        """The rollout's status; with wait_s > 0 the server may hold the answer until it is terminal."""
+        params: dict[str, Any] = {"rollout_id": rollout_id}
+        if wait_s > 0:
+            params["wait_s"] = round(wait_s, 3)
+        resp = await self._request("GET", "/status", params=params, wait_s=wait_s)
+        return self._parse(StatusResponse, resp)
+
+    async def wait(self, rollout_id: str, *, deadline_s: float, poll_s: float = 0.05) -> StatusResponse:
+        """Until the rollout is terminal. Uses the long-poll form of /status; against a server that
+        answers at once (no long-poll), polls with backoff from poll_s up to 1 s.
+        Raises WaitTimeoutError after deadline_s."""
+        end = time.monotonic() + deadline_s
+        delay = poll_s
+        while True:
+            wait_s = max(0.0, min(end - time.monotonic(), MAX_WAIT_S))
+            asked = time.monotonic()
+            st = await self.status(rollout_id, wait_s=wait_s)
+            if st.terminated:
+                return st
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeoutError(f"rollout {rollout_id!r} not terminal after {deadline_s:g}s")
+            if time.monotonic() - asked < wait_s / 2:  # the server did not hold the request
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+
+    async def wait_many(self, rollout_ids: list[str], *, timeout_s: float) -> dict[str, StatusResponse]:
+        """The TERMINAL rollouts among rollout_ids, as soon as there is at least one (empty after
+        timeout_s). Ids the server does not know come back terminal with status NOT_FOUND.
+        One long-poll `POST /status/batch` per call (per 10,000 ids); servers without that endpoint
+        are polled with GET /status per id."""
+        ids = list(dict.fromkeys(rollout_ids))
+        if not ids:
+            return {}
+        end = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            wait_s = max(0.0, min(end - time.monotonic(), MAX_WAIT_S))
+            if self._batch_supported:
+                found = await self._batch_any(ids, wait_s)
+            else:
+                found = await self._poll_each(ids)
+                if not found and time.monotonic() < end:
+                    await asyncio.sleep(min(delay, max(0.0, end - time.monotonic())))
+                    delay = min(delay * 2, 1.0)
+            if found or time.monotonic() >= end:
+                return found
+
+    async def _status_batch(self, ids: list[str], wait_s: float) -> dict[str, StatusResponse]:
+        content = b'{"rollout_ids":' + json.dumps(ids).encode() + b',"wait_s":' + str(round(wait_s, 3)).encode() + b"}"
+        resp = await self._request("POST", "/status/batch", content=content, wait_s=wait_s)
+        batch = self._parse(StatusBatchResponse, resp)
+        found = {rid: st for rid, st in batch.statuses.items() if st.terminated}
+        found.update((rid, _unknown_status(rid)) for rid in batch.unknown)
+        return found
+
+    async def _batch_any(self, ids: list[str], wait_s: float) -> dict[str, StatusResponse]:
+        chunks = [ids[i : i + BATCH_MAX_IDS] for i in range(0, len(ids), BATCH_MAX_IDS)]
+        try:
+            if len(chunks) == 1:
+                return await self._status_batch(chunks[0], wait_s)
+            tasks = [asyncio.create_task(self._status_batch(c, wait_s)) for c in chunks]
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            found: dict[str, StatusResponse] = {}
+            for t in done:
+                found.update(t.result())
+            return found
+        except EnvHTTPError as exc:
+            if exc.status_code not in (404, 405):
+                raise
+            # No /status/batch here (a foreign or older server): poll per id from now on.
+            self._batch_supported = False
+            return await self._poll_each(ids)
+
+    async def _poll_each(self, ids: list[str]) -> dict[str, StatusResponse]:
+        sem = asyncio.Semaphore(64)
+
+        async def one(rid: str) -> tuple[str, StatusResponse | None]:
+            async with sem:
+                try:
+                    st = await self.status(rid)
+                except NotFoundError:
+                    return rid, _unknown_status(rid)
+                return rid, st if st.terminated else None
+
+        results = await asyncio.gather(*(one(rid) for rid in ids))
+        return {rid: st for rid, st in results if st is not None}
+
+    async def cancel(self, rollout_id: str) -> None:
+        """Stop a rollout (its status becomes CANCELLED); a terminal one is left as it is."""
+        await self._request("POST", "/cancel", params={"rollout_id": rollout_id})
+
+    async def health(self) -> Health:
+        return self._parse(Health, await self._request("GET", "/health"))
+
+    async def version(self) -> VersionResponse:
+        return self._parse(VersionResponse, await self._request("GET", "/version"))

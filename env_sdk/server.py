@@ -1,0 +1,482 @@
+"""Turn an agent function into a protocol-v1 env server (a FastAPI app).
+
+The agent is an async function `agent(task, client)` that receives the rollout's task and an
+`openai.AsyncOpenAI` already pointed at the trainer's `model_base_url` with the rollout's
+`api_key`. It returns an `AgentResult`, a float reward, or None (the trainer scores).
+
+`POST /init` answers 202 at once; each rollout then runs as an asyncio task under a
+concurrency limit and a deadline. See protocol/SPEC.md for the wire contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import httpx
+import openai
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from env_sdk.models import (
+    PROTOCOL_VERSION,
+    CancelResponse,
+    ErrorResponse,
+    Health,
+    InitRequest,
+    InitResponse,
+    RolloutMetadata,
+    Status,
+    StatusBatchRequest,
+    StatusBatchResponse,
+    StatusCode,
+    StatusResponse,
+    VersionResponse,
+)
+
+logger = logging.getLogger("env_sdk.server")
+
+SDK_VERSION = "openrft-env-sdk/0.1.0"
+PROTOCOL_HEADER = "X-OpenRFT-Protocol"
+#: Endpoints answered without the bearer token (probes of load balancers; they reveal no rollout).
+OPEN_PATHS = frozenset({"/health", "/version"})
+#: Placeholder base URL when an InitRequest has no model_base_url: model calls then fail with a
+#: connection error whose message names the missing field.
+MISSING_MODEL_URL = "http://model-base-url-missing.invalid/v1"
+
+# Parameters `chat.completions.create` takes as keyword arguments; other completion_params go
+# to the server in `extra_body` (e.g. vLLM's top_k).
+_OPENAI_CHAT_PARAMS = frozenset(
+    {
+        "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "n",
+        "parallel_tool_calls", "presence_penalty", "reasoning_effort", "response_format", "seed",
+        "stop", "temperature", "tool_choice", "top_logprobs", "top_p", "user", "metadata",
+    }
+)  # fmt: skip
+
+
+@dataclass
+class RolloutTask:
+    """What an agent function receives for one rollout."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    metadata: RolloutMetadata
+    completion_params: dict[str, Any]
+    task_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return str(self.completion_params.get("model", "policy"))
+
+    def completion_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `client.chat.completions.create(**kwargs, messages=...)`:
+        the model plus completion_params, unknown ones moved into `extra_body`."""
+        kwargs: dict[str, Any] = {"model": self.model}
+        extra: dict[str, Any] = dict(self.completion_params.get("extra_body") or {})
+        for key, value in self.completion_params.items():
+            if key in ("model", "extra_body"):
+                continue
+            if key in _OPENAI_CHAT_PARAMS:
+                kwargs[key] = value
+            else:
+                extra[key] = value
+        if extra:
+            kwargs["extra_body"] = extra
+        return kwargs
+
+
+@dataclass
+class AgentResult:
+    reward: float | None = None
+    messages: list[dict[str, Any]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    termination_reason: str | None = None
+
+
+Agent = Callable[[RolloutTask, openai.AsyncOpenAI], Awaitable[Union[AgentResult, float, None]]]
+
+
+@dataclass
+class _Rollout:
+    rollout_id: str
+    request: InitRequest
+    deadline_s: float
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    body: bytes = b""  # the terminal StatusResponse as JSON, set once
+    cancel_requested: bool = False
+
+
+def _json_error(status_code: int, detail: str, errors: list[dict[str, str]] | None = None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(detail=detail, errors=errors).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str, str]]]:
+    """Compact, field-named errors from FastAPI's validation error (400 for unparseable JSON)."""
+    errors: list[dict[str, str]] = []
+    status_code = 422
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        where = loc[0] if loc else "body"
+        path = ".".join(loc[1:])
+        if err.get("type") == "json_invalid":
+            status_code = 400
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            errors.append({"field": "body", "message": f"malformed JSON at position {path or '?'}: {reason}"})
+            continue
+        name = path or where
+        if where == "query" or where == "path":
+            name = f"{path} ({where} parameter)"
+        errors.append({"field": path or where, "message": f"{name}: {err.get('msg', 'invalid')}"})
+    detail = "; ".join(e["message"] for e in errors) or "invalid request"
+    return status_code, detail, errors
+
+
+class _ProtocolMiddleware:
+    """Pure ASGI: protocol header on every answer, bearer-token check, request body size cap."""
+
+    def __init__(self, app: Any, *, token: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.token = f"Bearer {token}".encode() if token else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-openrft-protocol", PROTOCOL_VERSION.encode())]
+            await send(message)
+
+        headers = dict(scope.get("headers") or ())
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.token):
+                reason = "missing" if not given else "wrong"
+                resp = _json_error(401, f"{reason} bearer token (Authorization: Bearer <token>)",
+                                   headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send_with_header)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            resp = _json_error(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes}")
+            await resp(scope, receive, send_with_header)
+            return
+
+        received = 0
+
+        async def capped_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    # An HTTPException, so FastAPI's body parsing passes it through as 413.
+                    raise HTTPException(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, capped_receive, send_with_header)
+
+
+def _check_reward(reward: Any) -> str | None:
+    """None when `reward` is a valid score, else why not."""
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        return f"reward must be a float in [0, 1], got {type(reward).__name__} {reward!r}"
+    if math.isnan(reward) or not 0.0 <= reward <= 1.0:
+        return f"reward must be within [0, 1], got {reward!r}"
+    return None
+
+
+def _result_status(result: Any) -> StatusResponse:
+    """The terminal StatusResponse for what the agent returned."""
+    if result is None or (isinstance(result, (int, float)) and not isinstance(result, bool)):
+        result = AgentResult(reward=result)
+    if not isinstance(result, AgentResult):
+        return StatusResponse(
+            terminated=True,
+            status=Status.error(StatusCode.INTERNAL,
+                                f"agent returned {type(result).__name__}; expected AgentResult, float or None"),
+            info={},
+        )
+    if result.reward is not None and (why := _check_reward(result.reward)) is not None:
+        return StatusResponse(
+            terminated=True, status=Status.error(StatusCode.SCORE_INVALID, why), info=result.info,
+            metrics=result.metrics or None, termination_reason=result.termination_reason,
+            messages=result.messages,  # type: ignore[arg-type]
+        )
+    return StatusResponse(
+        terminated=True,
+        status=Status.finished(),
+        info=result.info,
+        reward=None if result.reward is None else float(result.reward),
+        metrics=result.metrics or None,
+        termination_reason=result.termination_reason,
+        messages=result.messages,  # type: ignore[arg-type]
+    )
+
+
+class _EnvServer:
+    def __init__(self, agent: Agent, *, max_concurrency: int, deadline_s: float, result_ttl_s: float,
+                 name: str) -> None:
+        self.agent = agent
+        self.max_concurrency = max_concurrency
+        self.deadline_s = deadline_s
+        self.result_ttl_s = result_ttl_s
+        self.name = name
+        self.rollouts: dict[str, _Rollout] = {}
+        self.running = 0
+        self.draining = False
+        # Batch long-polls waiting for any of their ids to finish: (ids, future).
+        self.waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+        self._http: httpx.AsyncClient | None = None
+
+    # --- model client ---------------------------------------------------------------------
+
+    def http(self) -> httpx.AsyncClient:
+        """One pooled connection set shared by every rollout's OpenAI client."""
+        if self._http is None:
+            limits = httpx.Limits(max_connections=max(self.max_concurrency, 16),
+                                  max_keepalive_connections=max(self.max_concurrency, 16))
+            self._http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=10.0))
+        return self._http
+
+    def model_client(self, req: InitRequest) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=req.model_base_url or MISSING_MODEL_URL,
+            api_key=req.api_key or "EMPTY",
+            http_client=self.http(),
+        )
+
+    async def aclose(self) -> None:
+        self.draining = True
+        tasks = [r.task for r in self.rollouts.values() if r.task is not None and not r.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # --- rollouts -------------------------------------------------------------------------
+
+    def start(self, req: InitRequest) -> _Rollout:
+        rid = req.metadata.rollout_id
+        r = _Rollout(rollout_id=rid, request=req, deadline_s=req.deadline_s or self.deadline_s)
+        self.rollouts[rid] = r
+        self.running += 1
+        r.task = asyncio.create_task(self._run(r), name=f"rollout-{rid}")
+        logger.info("rollout %s started (deadline %.1fs)", rid, r.deadline_s)
+        return r
+
+    async def _run(self, r: _Rollout) -> None:
+        req = r.request
+        task = RolloutTask(
+            messages=[m.model_dump(exclude_none=True) for m in req.messages or ()],
+            tools=req.tools,
+            metadata=req.metadata,
+            completion_params=dict(req.completion_params),
+            task_metadata=dict(req.task_metadata or {}),
+        )
+        timeout = asyncio.timeout(r.deadline_s)
+        try:
+            async with timeout:
+                result = await self.agent(task, self.model_client(req))
+            status = _result_status(result)
+        except asyncio.CancelledError:
+            if not r.cancel_requested:
+                self._finish(r, StatusResponse(terminated=True, info={},
+                                               status=Status.error(StatusCode.UNAVAILABLE, "env server shutting down")))
+                raise
+            status = StatusResponse(terminated=True, info={},
+                                    status=Status.error(StatusCode.CANCELLED, "cancelled by the client"))
+        except TimeoutError as exc:
+            if not timeout.expired():
+                status = self._crash(r, exc)
+            else:
+                status = StatusResponse(terminated=True, info={}, status=Status.error(
+                    StatusCode.DEADLINE_EXCEEDED, f"rollout exceeded its deadline of {r.deadline_s:g}s"))
+        except Exception as exc:
+            status = self._crash(r, exc)
+        if r.cancel_requested and status.status is not None and status.status.code != StatusCode.CANCELLED:
+            status = StatusResponse(terminated=True, info={},
+                                    status=Status.error(StatusCode.CANCELLED, "cancelled by the client"))
+        self._finish(r, status)
+
+    def _crash(self, r: _Rollout, exc: BaseException) -> StatusResponse:
+        logger.error("rollout %s: agent raised %s: %s", r.rollout_id, type(exc).__name__, exc, exc_info=exc)
+        return StatusResponse(terminated=True, info={"exception": type(exc).__name__},
+                              status=Status.error(StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    def _finish(self, r: _Rollout, status: StatusResponse) -> None:
+        if r.done.is_set():
+            return
+        try:
+            r.body = status.model_dump_json(exclude_none=True).encode()
+        except ValueError as exc:  # e.g. a metric that does not serialise
+            r.body = StatusResponse(terminated=True, info={}, status=Status.error(
+                StatusCode.INTERNAL, f"agent result is not serialisable: {exc}")).model_dump_json().encode()
+        r.done.set()
+        self.running -= 1
+        elapsed = time.monotonic() - r.started
+        code = status.status.code if status.status else None
+        logger.info("rollout %s finished: code=%s reward=%s in %.3fs", r.rollout_id, code, status.reward, elapsed)
+        for ids, fut in self.waiters:
+            if r.rollout_id in ids and not fut.done():
+                fut.set_result(None)
+        asyncio.get_running_loop().call_later(self.result_ttl_s, self._evict, r)
+
+    def _evict(self, r: _Rollout) -> None:
+        if self.rollouts.get(r.rollout_id) is r:
+            del self.rollouts[r.rollout_id]
+
+    async def wait_any(self, ids: frozenset[str], wait_s: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (ids, fut)
+        self.waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, wait_s)
+        except TimeoutError:
+            pass
+        finally:
+            self.waiters.remove(entry)
+
+
+_RUNNING_BODY = StatusResponse(terminated=False, status=Status.running(), info={}).model_dump_json(
+    exclude_none=True
+).encode()
+
+
+def create_env_app(
+    agent: Agent,
+    *,
+    max_concurrency: int = 256,
+    deadline_s: float = 300.0,
+    token: str | None = None,
+    result_ttl_s: float = 600.0,
+    name: str = "env",
+    max_body_bytes: int = 4 * 1024 * 1024,
+) -> FastAPI:
+    """A protocol-v1 env server running `agent` for each `POST /init`.
+
+    max_concurrency: rollouts running at once; `/init` beyond it answers 429 + Retry-After.
+    deadline_s: default per-rollout deadline (InitRequest.deadline_s overrides it).
+    token: when set, every endpoint but /health and /version needs `Authorization: Bearer <token>`.
+    result_ttl_s: how long a finished rollout's status stays readable (then 404).
+    """
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    server = _EnvServer(agent, max_concurrency=max_concurrency, deadline_s=deadline_s,
+                        result_ttl_s=result_ttl_s, name=name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await server.aclose()
+
+    app = FastAPI(title=f"openrft env server: {name}", version=PROTOCOL_VERSION, lifespan=lifespan,
+                  description="Protocol v1 (see protocol/SPEC.md).")
+    app.state.env_server = server
+    app.add_middleware(_ProtocolMiddleware, token=token, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status_code, detail, errors = _field_errors(exc)
+        return _json_error(status_code, detail, errors)
+
+    @app.exception_handler(HTTPException)
+    async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _json_error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    def _unknown(rollout_id: str) -> JSONResponse:
+        return _json_error(404, f"unknown rollout_id {rollout_id!r} (never started, or its result expired)")
+
+    err = {"model": ErrorResponse}
+
+    @app.post("/init", status_code=202, response_model=InitResponse,
+              responses={200: {"model": InitResponse, "description": "duplicate rollout_id: already started"},
+                         400: err, 401: err, 413: err, 422: err, 429: err, 503: err})
+    async def init(req: InitRequest) -> Response:
+        rid = req.metadata.rollout_id
+        body = b'{"status":"accepted","rollout_id":' + json.dumps(rid).encode() + b"}"
+        if rid in server.rollouts:
+            return Response(body, status_code=200, media_type="application/json")
+        if server.draining:
+            return _json_error(503, "env server is shutting down", headers={"Retry-After": "1"})
+        if server.running >= server.max_concurrency:
+            return _json_error(429, f"at capacity: {server.running}/{server.max_concurrency} rollouts running",
+                               headers={"Retry-After": "1"})
+        server.start(req)
+        return Response(body, status_code=202, media_type="application/json")
+
+    @app.get("/status", response_model=StatusResponse, responses={401: err, 404: err, 422: err})
+    async def status(
+        rollout_id: str = Query(min_length=1),
+        wait_s: float = Query(0.0, ge=0, le=60, description="long-poll: wait up to wait_s for a terminal state"),
+    ) -> Response:
+        r = server.rollouts.get(rollout_id)
+        if r is None:
+            return _unknown(rollout_id)
+        if wait_s > 0 and not r.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.done.wait(), wait_s)
+        return Response(r.body if r.done.is_set() else _RUNNING_BODY, media_type="application/json")
+
+    @app.post("/status/batch", response_model=StatusBatchResponse, responses={401: err, 413: err, 422: err})
+    async def status_batch(req: StatusBatchRequest) -> Response:
+        ids = list(dict.fromkeys(req.rollout_ids))
+
+        def terminal() -> list[_Rollout]:
+            return [r for i in ids if (r := server.rollouts.get(i)) is not None and r.done.is_set()]
+
+        done = terminal()
+        unknown = [i for i in ids if i not in server.rollouts]
+        if not done and not unknown and req.wait_s > 0:
+            await server.wait_any(frozenset(ids), req.wait_s)
+            done = terminal()
+            unknown = [i for i in ids if i not in server.rollouts]
+        parts = b",".join(json.dumps(r.rollout_id).encode() + b":" + r.body for r in done)
+        body = b'{"statuses":{' + parts + b'},"unknown":' + json.dumps(unknown).encode() + b"}"
+        return Response(body, media_type="application/json")
+
+    @app.post("/cancel", response_model=CancelResponse, responses={401: err, 404: err, 422: err})
+    async def cancel(rollout_id: str = Query(min_length=1)) -> Response:
+        r = server.rollouts.get(rollout_id)
+        if r is None:
+            return _unknown(rollout_id)
+        stopped = not r.done.is_set() and r.task is not None
+        if stopped:
+            r.cancel_requested = True
+            assert r.task is not None
+            r.task.cancel()
+            # Let the agent unwind so /status reads CANCELLED right after this answer.
+            await asyncio.wait({r.task}, timeout=5.0)
+            logger.info("rollout %s cancelled by the client", rollout_id)
+        return JSONResponse(CancelResponse(rollout_id=rollout_id, cancelled=stopped).model_dump())
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="draining" if server.draining else "ok", capacity=server.max_concurrency,
+                      in_flight=server.running, available=max(server.max_concurrency - server.running, 0))
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(name=name, sdk=SDK_VERSION)
+
+    return app
