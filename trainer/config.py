@@ -1,0 +1,220 @@
+"""The one training/evaluation config: every knob a user looks for, in one pydantic model.
+
+Loaded from a YAML or JSON file, then `--set a.b=c` overrides (values parsed as YAML scalars,
+then type-checked by pydantic). Unknown keys are errors naming the key. Relative paths are taken
+relative to the working directory, as a shell user would expect. The resolved config is written to
+`RUN_DIR/config.yaml` by the trainer, so a run can always be reproduced from its directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvEndpoint(_Section):
+    url: str = Field(description="base URL of an env server (protocol v1)")
+    token: str | None = Field(default=None, description="bearer token the env server expects")
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1, description="max new tokens per model call")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description='module names, or "all-linear"',
+    )
+
+
+class OptimConfig(_Section):
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class GrpoConfig(_Section):
+    clip_eps_low: float = Field(default=0.2, ge=0, description="ratio clipped below at 1 - clip_eps_low")
+    clip_eps_high: float = Field(default=0.28, ge=0, description="ratio clipped above at 1 + clip_eps_high")
+    kl_coef: float = Field(default=0.0, ge=0, description="weight of the k3 KL to the base model; 0 skips it")
+    scale_rewards: Literal["std", "none"] = Field(
+        default="std", description='"std": (r - mean) / std (GRPO); "none": r - mean (Dr. GRPO)'
+    )
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        default="token_mean",
+        description="token_mean: every completion token of the step weighs the same (DAPO); "
+        "seq_mean_token_mean: mean over tokens, then over sequences (original GRPO); "
+        "seq_mean_token_sum_norm: token sums over a constant (sampling.max_tokens), "
+        "then mean over sequences (Dr. GRPO)",
+    )
+    epochs: int = Field(default=1, ge=1, description="optimizer steps over each step's samples")
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward pass")
+
+
+class RolloutConfig(_Section):
+    deadline_s: float = Field(default=300.0, gt=0, description="per rollout; cancelled after it")
+    max_retries: int = Field(default=2, ge=0, description="re-tries of a rollout after a retryable error")
+    min_group_size: int = Field(default=2, ge=1, description="groups with fewer finished rollouts are dropped")
+    max_in_flight: int = Field(default=256, ge=1, description="rollouts running at once, over all envs")
+    routing: Literal["least_loaded", "round_robin"] = "least_loaded"
+    poll_s: float = Field(default=2.0, gt=0, description="long-poll window of one batched /status call")
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 = any free port")
+    public_url: str | None = Field(
+        default=None, description="URL the envs reach the gateway at, if not http://host:port"
+    )
+
+
+class GenerationConfig(_Section):
+    max_batch_size: int = Field(default=64, ge=1, description="concurrent requests generated together")
+    collect_window_s: float = Field(default=0.01, ge=0)
+
+
+class EvalConfig(_Section):
+    """`openrft eval`: which model, which dataset, how many samples per task."""
+
+    dataset: str | None = Field(default=None, description="defaults to the training dataset")
+    adapter: str | None = Field(default=None, description="a PEFT adapter dir applied to `model`")
+    url: str | None = Field(default=None, description="any OpenAI-compatible base URL instead of `model`")
+    api_key: str | None = None
+    model_name: str = Field(default="policy", description="`model` sent in completion_params")
+    samples: int = Field(default=4, ge=1, description="rollouts per task (n of pass@k)")
+    k: list[int] = Field(default_factory=lambda: [1])
+    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N tasks")
+    out: str | None = Field(default=None, description="JSON result path; default RUN_DIR/eval.json")
+
+
+class TrainConfig(_Section):
+    model: str = Field(description="local transformers model directory")
+    dataset: str = Field(description="JSONL, one task a line")
+    envs: list[EnvEndpoint] = Field(min_length=1)
+    evaluator: str | None = Field(
+        default=None, description="trainer-side `module:function`; else the env's reported reward"
+    )
+    steps: int = Field(default=100, ge=1)
+    tasks_per_step: int = Field(default=8, ge=1)
+    group_size: int = Field(default=4, ge=1, description="rollouts per task")
+    shuffle: bool = True
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    backend: Literal["transformers"] = "transformers"
+    checkpoint_every: int = Field(default=10, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default = torch's")
+    run_dir: str = "runs/latest"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> TrainConfig:
+        if self.rollout.min_group_size > self.group_size:
+            raise ValueError(
+                f"rollout.min_group_size ({self.rollout.min_group_size}) exceeds group_size ({self.group_size})"
+            )
+        return self
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown config key {key!r}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required config key {key!r}")
+        else:
+            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> None:
+    """Raise ConfigError if the dotted `path` names no field (only checks through sections)."""
+    current: Any = model
+    for depth, part in enumerate(path):
+        fields = current.model_fields if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if fields is None:
+            return  # inside a list / dict value: pydantic checks the rest
+        if part not in fields:
+            raise ConfigError(f"--set: unknown config key {'.'.join(path[: depth + 1])!r}")
+        current = fields[part].annotation
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=c` override in place; `c` is parsed as a YAML scalar / flow value."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    path = key.strip().split(".")
+    _known_keys(TrainConfig, path)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+        source = f"{source} (with --set)" if "--set" not in source else source
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
