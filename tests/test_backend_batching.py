@@ -1,0 +1,143 @@
+"""TransformersBackend: concurrent requests share one batch, batched greedy equals one at a
+time, recorded logprobs equal a plain forward pass, and it serves the live peft model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from trainer.backend import GenerationBackend, SamplingParams, TransformersBackend
+from trainer.models import build_tiny_model, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def loaded(tiny: Path):  # type: ignore[no-untyped-def]
+    return load_model(tiny)
+
+
+def _prompts(tokenizer, count: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Prompts of different lengths, so left padding really happens."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is " + " + ".join(str(j) for j in range(k + 1)) + "?"}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for k in range(count)
+    ]
+
+
+async def test_concurrent_batched_greedy_matches_one_at_a_time(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.2)
+    assert isinstance(backend, GenerationBackend)
+    prompts = _prompts(tokenizer, 8)
+    assert len({len(p) for p in prompts}) > 1
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    batched = await asyncio.gather(*(backend.generate(p, greedy) for p in prompts))
+    assert backend.stats.batches == 1 and backend.stats.batch_sizes == [8]
+    assert backend.stats.forward_calls == 12  # prefill + 11 decode steps, all rows together
+    singles = [await backend.generate(p, greedy) for p in prompts]
+    assert backend.stats.batch_sizes == [8] + [1] * 8
+    for b, s in zip(batched, singles):
+        assert b.token_ids == s.token_ids
+        assert b.finish_reason == s.finish_reason == "length"
+        assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(s.logprobs), atol=1e-4)
+    backend.close()
+
+
+async def test_logprobs_match_a_full_forward_pass(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer)
+    prompts = _prompts(tokenizer, 3)
+    params = SamplingParams(max_tokens=16, temperature=1.3, top_p=0.9, seed=1)
+    gens = await asyncio.gather(*(backend.generate(p, params) for p in prompts))
+    for prompt, gen in zip(prompts, gens):
+        ids = torch.tensor([prompt + gen.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        ref = logp[len(prompt) - 1 :].gather(1, torch.tensor(gen.token_ids)[:, None])[:, 0]
+        # temperature-1 raw logprobs, whatever temperature/top_p sampled them
+        assert torch.allclose(ref, torch.tensor(gen.logprobs), atol=1e-4)
+    backend.close()
+
+
+async def test_per_row_stop_and_max_tokens(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.2)
+    prompt = _prompts(tokenizer, 1)[0]
+    free = await backend.generate(prompt, SamplingParams(max_tokens=10, temperature=0))
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    short, stopped, full = await asyncio.gather(
+        backend.generate(prompt, SamplingParams(max_tokens=2, temperature=0)),
+        backend.generate(prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop_at,))),
+        backend.generate(prompt, SamplingParams(max_tokens=10, temperature=0)),
+    )
+    assert backend.stats.batch_sizes[-1] == 3
+    assert (short.token_ids, short.finish_reason) == (free.token_ids[:2], "length")
+    assert (stopped.token_ids, stopped.finish_reason) == (free.token_ids[: first + 1], "stop")
+    assert full.token_ids == free.token_ids
+    backend.close()
+
+
+async def test_seeded_sampling_does_not_depend_on_batch_mates(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.2)
+    prompts = _prompts(tokenizer, 4)
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=123)
+    alone = await backend.generate(prompts[0], params)
+    together = await asyncio.gather(
+        backend.generate(prompts[0], params),
+        *(backend.generate(p, SamplingParams(max_tokens=5, temperature=1.0)) for p in prompts[1:]),
+    )
+    assert together[0].token_ids == alone.token_ids
+    other = await backend.generate(prompts[0], SamplingParams(max_tokens=16, temperature=1.0, seed=124))
+    assert other.token_ids != alone.token_ids
+    tiny_nucleus = await backend.generate(prompts[0], SamplingParams(max_tokens=8, top_p=1e-6, seed=5))
+    greedy = await backend.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))
+    assert tiny_nucleus.token_ids == greedy.token_ids
+    backend.close()
+
+
+async def test_serves_the_live_peft_model_and_restores_train_mode(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    peft_model.train()
+    backend = TransformersBackend(peft_model, tokenizer)
+    prompt = _prompts(tokenizer, 1)[0]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    before = await backend.generate(prompt, greedy)
+    assert peft_model.training  # back in train mode after generating
+    again = await backend.generate(prompt, greedy)
+    assert again.token_ids == before.token_ids  # dropout was off while generating
+    with torch.no_grad():  # an "optimizer step" on the live object, no reload, no copy
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 2.0)
+    await backend.weights_updated(None)
+    after = await backend.generate(prompt, greedy)
+    assert after.token_ids != before.token_ids
+    backend.close()
+
+
+async def test_bad_requests_fail_clearly(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        await backend.generate([], SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        await backend.generate([1, 10**6], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
