@@ -139,6 +139,9 @@ def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str,
             errors.append({"field": "body", "message": f"malformed JSON at position {path or '?'}: {reason}"})
             continue
         name = path or where
+        if not path and where == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
+            errors.append({"field": "body", "message": "body: must be a JSON object (Content-Type: application/json)"})
+            continue
         if where == "query" or where == "path":
             name = f"{path} ({where} parameter)"
         errors.append({"field": path or where, "message": f"{name}: {err.get('msg', 'invalid')}"})
@@ -390,8 +393,9 @@ def create_env_app(
         yield
         await server.aclose()
 
+    # strict_content_type=False: a JSON body without a Content-Type header (curl -d, bare clients) is read as JSON.
     app = FastAPI(title=f"openrft env server: {name}", version=PROTOCOL_VERSION, lifespan=lifespan,
-                  description="Protocol v1 (see protocol/SPEC.md).")
+                  description="Protocol v1 (see protocol/SPEC.md).", strict_content_type=False)
     app.state.env_server = server
     app.add_middleware(_ProtocolMiddleware, token=token, max_body_bytes=max_body_bytes)
 
