@@ -139,6 +139,9 @@ def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str,
             errors.append({"field": "body", "message": f"malformed JSON at position {path or '?'}: {reason}"})
             continue
         name = path or where
+        if not path and where == "body" and err.get("type") == "missing":
+            errors.append({"field": "body", "message": "body: required, a JSON object"})
+            continue
         if not path and where == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
             errors.append({"field": "body", "message": "body: must be a JSON object (Content-Type: application/json)"})
             continue
