@@ -1,0 +1,256 @@
+"""The model gateway: the OpenAI-compatible endpoint the trainer hands to each environment.
+
+Each rollout gets its own base URL (eval-protocol's path shape, ids in the path) and its own
+API key, so every completion is attributed to its rollout without trusting the env, and a
+key given for rollout A is refused for rollout B. For every call the gateway records the
+exact prompt token ids, completion token ids and sampling logprobs (`CallRecord`); training
+uses those, never a re-tokenization of the text.
+
+`POST /logs` (and `/v1/logs`) accepts eval-protocol's status log records
+(`FireworksTracingHttpHandler` payloads: `{program, status, message, tags, extras}`, the
+rollout named by a `rollout_id:<id>` tag). A terminal status (any code but RUNNING) finishes
+the rollout: `record.logged_status` is set and `record.logged` fires. These posts are not
+checked against the rollout's key: eval-protocol's handler sends whatever FIREWORKS_API_KEY
+holds, and a log record can end a rollout but never add tokens to it.
+
+Run the app on the event loop of the code that awaits `record.logged` (uvicorn's
+`Server.serve()` as a task), or from another thread: the event is set thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from env_sdk.models import RolloutMetadata, Status, StatusCode
+from trainer.backend import GenerationBackend
+from trainer.completions import APIError, ChatCompleter, Completion, install_error_handlers, read_json, validation_api_error
+
+ROLLOUT_PATH = (
+    "/v1/rollout_id/{rollout_id}/invocation_id/{invocation_id}/experiment_id/{experiment_id}"
+    "/run_id/{run_id}/row_id/{row_id}"
+)
+_ID_FIELDS = ("rollout_id", "invocation_id", "experiment_id", "run_id", "row_id")
+
+
+@dataclass
+class CallRecord:
+    """One chat completion choice: what the model saw and what it sampled."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    response: dict[str, Any]  # the assistant message returned (content / tool_calls)
+    finish_reason: str
+
+
+@dataclass
+class RolloutRecord:
+    metadata: RolloutMetadata
+    api_key: str
+    calls: list[CallRecord] = field(default_factory=list)
+    prefix_mismatch: bool = False  # a call's prompt did not extend a previous prompt + completion
+    logged_status: Status | None = None  # from POST /logs (eval-protocol push), else None
+    logged: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LogRecordBody(BaseModel):
+    """eval-protocol's status log record."""
+
+    model_config = ConfigDict(extra="allow")
+
+    program: str | None = None
+    status: Status | None = None
+    message: str | None = None
+    tags: list[str]
+    extras: dict[str, Any] | None = None
+
+
+@dataclass
+class _Open:
+    record: RolloutRecord
+    loop: asyncio.AbstractEventLoop | None  # where `record.logged` is awaited
+    last_calls: list[CallRecord] = field(default_factory=list)  # the previous request's choices
+
+
+class Gateway:
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        tokenizer: Any,
+        *,
+        model_name: str = "policy",
+        default_max_tokens: int = 256,
+        tool_parser: str = "hermes",
+    ) -> None:
+        self.completer = ChatCompleter(
+            backend, tokenizer, model_name=model_name, default_max_tokens=default_max_tokens, tool_parser=tool_parser
+        )
+        self._open: dict[str, _Open] = {}
+        self._closed: set[str] = set()
+        self.app = self._build_app()
+
+    # --- trainer-side API -------------------------------------------------------------------
+
+    def open_rollout(self, metadata: RolloutMetadata, base_url: str) -> tuple[str, str]:
+        """Register a rollout; return (model_base_url, api_key) for its InitRequest.
+
+        `base_url` is where this gateway's app is reachable (e.g. http://127.0.0.1:8400).
+        Opening an open rollout again with the same metadata returns the same URL and key."""
+        rid = metadata.rollout_id
+        for name in _ID_FIELDS:
+            value = getattr(metadata, name)
+            if not value or "/" in value:
+                raise ValueError(f"metadata.{name} must be non-empty and contain no '/': {value!r}")
+        if rid in self._closed:
+            raise ValueError(f"rollout {rid!r} was closed; use a new rollout_id")
+        existing = self._open.get(rid)
+        if existing is not None:
+            if existing.record.metadata != metadata:
+                raise ValueError(f"rollout {rid!r} is already open with other metadata")
+            return self._model_url(metadata, base_url), existing.record.api_key
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        record = RolloutRecord(metadata=metadata, api_key=f"rk-{secrets.token_urlsafe(24)}")
+        self._open[rid] = _Open(record, loop)
+        return self._model_url(metadata, base_url), record.api_key
+
+    def record(self, rollout_id: str) -> RolloutRecord:
+        """The live record of an open rollout."""
+        try:
+            return self._open[rollout_id].record
+        except KeyError:
+            raise KeyError(f"rollout {rollout_id!r} is not open") from None
+
+    def close_rollout(self, rollout_id: str) -> RolloutRecord:
+        """Stop serving a rollout and hand back its record; later calls for it get 403."""
+        opened = self._open.pop(rollout_id, None)
+        if opened is None:
+            raise KeyError(f"rollout {rollout_id!r} is not open")
+        self._closed.add(rollout_id)
+        return opened.record
+
+    @staticmethod
+    def _model_url(metadata: RolloutMetadata, base_url: str) -> str:
+        ids = {name: quote(getattr(metadata, name), safe="") for name in _ID_FIELDS}
+        return base_url.rstrip("/") + ROLLOUT_PATH.format(**ids)
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="openrft gateway")
+        install_error_handlers(app)
+
+        @app.post(ROLLOUT_PATH + "/chat/completions")
+        async def chat_completions(
+            request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
+        ) -> dict[str, Any]:
+            path_ids = dict(
+                rollout_id=rollout_id, invocation_id=invocation_id, experiment_id=experiment_id, run_id=run_id, row_id=row_id
+            )
+            opened = self._authorize(request, path_ids)
+            completion = await self.completer.complete(await read_json(request))
+            if self._open.get(rollout_id) is opened:  # not closed while generating
+                self._record(opened, completion)
+            return completion.response
+
+        @app.post("/logs")
+        @app.post("/v1/logs")
+        async def logs(request: Request) -> dict[str, Any]:
+            return self._accept_log(await read_json(request))
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return self.completer.models_response()
+
+        @app.get("/health")
+        async def health() -> dict[str, Any]:
+            return {"status": "ok", "open_rollouts": len(self._open)}
+
+        return app
+
+    def _authorize(self, request: Request, path_ids: dict[str, str]) -> _Open:
+        rid = path_ids["rollout_id"]
+        opened = self._open.get(rid)
+        if opened is None:
+            if rid in self._closed:
+                raise APIError(403, f"rollout {rid!r} is finished; no more completions", type_="permission_error", code="rollout_closed")
+            raise APIError(404, f"unknown rollout {rid!r}", type_="not_found_error", code="rollout_not_found")
+        metadata = opened.record.metadata
+        wrong = [name for name in _ID_FIELDS if getattr(metadata, name) != path_ids[name]]
+        if wrong:
+            raise APIError(404, f"no rollout {rid!r} with that {wrong[0]}", type_="not_found_error", code="rollout_not_found")
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "missing 'Authorization: Bearer <api_key>' header", type_="authentication_error", code="invalid_api_key")
+        if not secrets.compare_digest(key.strip(), opened.record.api_key):
+            raise APIError(403, f"this API key is not valid for rollout {rid!r}", type_="permission_error", code="invalid_api_key")
+        return opened
+
+    @staticmethod
+    def _record(opened: _Open, completion: Completion) -> None:
+        record = opened.record
+        prompt = completion.prompt_ids
+        if opened.last_calls and not any(
+            prompt[: len(c.prompt_ids) + len(c.completion_ids)] == c.prompt_ids + c.completion_ids for c in opened.last_calls
+        ):
+            record.prefix_mismatch = True
+        calls = [
+            CallRecord(
+                messages=completion.messages,
+                tools=completion.tools,
+                prompt_ids=list(prompt),
+                completion_ids=choice.completion_ids,
+                logprobs=choice.logprobs,
+                response=choice.message,
+                finish_reason=choice.finish_reason,
+            )
+            for choice in completion.choices
+        ]
+        record.calls.extend(calls)
+        opened.last_calls = calls
+
+    def _accept_log(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise APIError(400, "log record must be a JSON object")
+        try:
+            log = LogRecordBody.model_validate(body)
+        except ValidationError as exc:
+            raise validation_api_error(exc.errors()) from None
+        rids = [t.split(":", 1)[1] for t in log.tags if t.startswith("rollout_id:")]
+        if not rids:
+            raise APIError(400, "tags: no 'rollout_id:<id>' tag", param="tags")
+        known = [rid for rid in rids if rid in self._open]
+        if not known:
+            raise APIError(404, f"unknown or closed rollout {rids[0]!r}", type_="not_found_error", code="rollout_not_found")
+        terminal = log.status is not None and log.status.code != StatusCode.RUNNING
+        if terminal:
+            for rid in known:
+                self._finish(self._open[rid], log.status)
+        return {"status": "ok", "rollouts": known, "terminal": terminal}
+
+    @staticmethod
+    def _finish(opened: _Open, status: Status | None) -> None:
+        record = opened.record
+        if record.logged_status is None:
+            record.logged_status = status
+        loop = opened.loop
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or loop is current or loop.is_closed():
+            record.logged.set()
+        else:
+            loop.call_soon_threadsafe(record.logged.set)
