@@ -1,0 +1,36 @@
+"""Scoring for the math env: 1 if the final number in the model's last answer equals the
+expected one, else 0 (no format credit). The env server and the trainer-side evaluator both
+call `grade`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from env_sdk import EvaluationResult
+from env_sdk.graders import NumericMatch
+
+_MATCH = NumericMatch(abs_tol=1e-6)
+
+
+def final_answer(messages: list[Any]) -> str | None:
+    """The text of the last assistant message, or None when there is none (or it is empty)."""
+    for message in reversed(messages):
+        m = message if isinstance(message, dict) else message.model_dump()
+        if m.get("role") == "assistant":
+            content = m.get("content")
+            return content if isinstance(content, str) and content.strip() else None
+    return None
+
+
+def grade(messages: list[Any], expected: float) -> EvaluationResult:
+    text = final_answer(messages)
+    if text is None:
+        return EvaluationResult(score=0.0, reason="no answer: the last assistant message has no text")
+    return _MATCH.grade(text, expected)
+
+
+def evaluate(messages: list[Any], ground_truth: Any, info: dict[str, Any] | None = None) -> EvaluationResult:
+    """Trainer-side evaluator (`reference_envs.math.evaluator:evaluate`): ground_truth is the number."""
+    if ground_truth is None:
+        raise ValueError("math evaluator: the dataset row has no ground_truth (the expected number)")
+    return grade(messages, ground_truth)
