@@ -151,10 +151,17 @@ class EnvClient:
 
     async def init(self, request: InitRequest) -> InitResponse:
         """Start a rollout. Safe to repeat: the server starts one rollout per rollout_id."""
+        rid = request.metadata.rollout_id
         resp = await self._request("POST", "/init", content=request.model_dump_json(exclude_none=True).encode())
-        if not resp.content:  # some servers answer 202 with an empty body
-            return InitResponse(rollout_id=request.metadata.rollout_id)
-        return self._parse(InitResponse, resp)
+        # Any 2xx means started: eval-protocol-era servers answer with bodies of their own (or none).
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("rollout_id") not in (None, rid):
+            raise EnvProtocolError(f"POST {self.base_url}/init for rollout {rid!r} answered rollout_id "
+                                   f"{body['rollout_id']!r}")
+        return InitResponse(rollout_id=rid)
 
     async def status(self, rollout_id: str, *, wait_s: float = 0.0) -> StatusResponse:
         """The rollout's status; with wait_s > 0 the server may hold the answer until it is terminal."""
@@ -183,9 +190,12 @@ class EnvClient:
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
 
-    async def wait_many(self, rollout_ids: list[str], *, timeout_s: float) -> dict[str, StatusResponse]:
+    async def wait_many(self, rollout_ids: list[str], *, timeout_s: float,
+                        linger_s: float = 0.02) -> dict[str, StatusResponse]:
         """The TERMINAL rollouts among rollout_ids, as soon as there is at least one (empty after
         timeout_s). Ids the server does not know come back terminal with status NOT_FOUND.
+        linger_s: once one finishes, the server gathers further finishes this long, so a burst of
+        finishes costs one answer, not one each.
         One long-poll `POST /status/batch` per call (per 10,000 ids); servers without that endpoint
         are polled with GET /status per id."""
         ids = list(dict.fromkeys(rollout_ids))
@@ -196,7 +206,7 @@ class EnvClient:
         while True:
             wait_s = max(0.0, min(end - time.monotonic(), MAX_WAIT_S))
             if self._batch_supported:
-                found = await self._batch_any(ids, wait_s)
+                found = await self._batch_any(ids, wait_s, linger_s)
             else:
                 found = await self._poll_each(ids)
                 if not found and time.monotonic() < end:
@@ -205,20 +215,20 @@ class EnvClient:
             if found or time.monotonic() >= end:
                 return found
 
-    async def _status_batch(self, ids: list[str], wait_s: float) -> dict[str, StatusResponse]:
-        content = b'{"rollout_ids":' + json.dumps(ids).encode() + b',"wait_s":' + str(round(wait_s, 3)).encode() + b"}"
+    async def _status_batch(self, ids: list[str], wait_s: float, linger_s: float) -> dict[str, StatusResponse]:
+        content = json.dumps({"rollout_ids": ids, "wait_s": round(wait_s, 3), "linger_s": linger_s}).encode()
         resp = await self._request("POST", "/status/batch", content=content, wait_s=wait_s)
         batch = self._parse(StatusBatchResponse, resp)
         found = {rid: st for rid, st in batch.statuses.items() if st.terminated}
         found.update((rid, _unknown_status(rid)) for rid in batch.unknown)
         return found
 
-    async def _batch_any(self, ids: list[str], wait_s: float) -> dict[str, StatusResponse]:
+    async def _batch_any(self, ids: list[str], wait_s: float, linger_s: float) -> dict[str, StatusResponse]:
         chunks = [ids[i : i + BATCH_MAX_IDS] for i in range(0, len(ids), BATCH_MAX_IDS)]
         try:
             if len(chunks) == 1:
-                return await self._status_batch(chunks[0], wait_s)
-            tasks = [asyncio.create_task(self._status_batch(c, wait_s)) for c in chunks]
+                return await self._status_batch(chunks[0], wait_s, linger_s)
+            tasks = [asyncio.create_task(self._status_batch(c, wait_s, linger_s)) for c in chunks]
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
                 t.cancel()

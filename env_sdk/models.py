@@ -206,6 +206,9 @@ class StatusBatchRequest(BaseModel):
     wait_s: float = Field(
         default=0.0, ge=0, le=60, description="return as soon as one listed rollout is terminal, or after wait_s"
     )
+    linger_s: float = Field(
+        default=0.0, ge=0, le=1, description="after the first wakes a waiting call, gather finishes this much longer"
+    )
 
 
 class StatusBatchResponse(BaseModel):

@@ -455,7 +455,11 @@ def create_env_app(
         done = terminal()
         unknown = [i for i in ids if i not in server.rollouts]
         if not done and not unknown and req.wait_s > 0:
+            t0 = time.monotonic()
             await server.wait_any(frozenset(ids), req.wait_s)
+            linger = min(req.linger_s, req.wait_s - (time.monotonic() - t0))
+            if linger > 0:  # a bounded gather window: one answer for a burst of finishes
+                await asyncio.sleep(linger)
             done = terminal()
             unknown = [i for i in ids if i not in server.rollouts]
         parts = b",".join(json.dumps(r.rollout_id).encode() + b":" + r.body for r in done)
