@@ -27,6 +27,12 @@ class _Section(BaseModel):
 class EnvEndpoint(_Section):
     url: str = Field(description="base URL of an env server (protocol v1)")
     token: str | None = Field(default=None, description="bearer token the env server expects")
+    wait: Literal["auto", "poll", "logs"] = Field(
+        default="auto",
+        description="how terminal states are learned: poll = batched long-poll of /status; logs = only the "
+        "gateway's /logs push (eval-protocol servers, which serve no /status); auto = poll, unless "
+        "/health is 404 at start",
+    )
 
 
 class SamplingConfig(_Section):

@@ -185,7 +185,7 @@ class Learner:
                         ref_logprobs=r, kl_coef=g.kl_coef,
                     )
                     loss.backward()
-                    step_loss += float(loss)
+                    step_loss += loss.item()
                     for k, v in stats.items():
                         key = f"{k}@0" if epoch == 0 else k
                         totals[key] = totals.get(key, 0.0) + v

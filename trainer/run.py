@@ -1,0 +1,391 @@
+"""`openrft train CONFIG [--set k=v ...] [--resume]`: the GRPO training loop against remote envs.
+
+One process, one asyncio loop: the gateway (uvicorn, loopback by default) serves the envs' model
+calls from the live peft model while the scheduler drives the envs; between steps the learner
+updates the adapter (in a worker thread, holding the backend's lock).
+
+Each step: take `tasks_per_step` tasks (deterministic, resumable order) -> `group_size` rollouts
+each -> rewards -> advantages per group (groups with too few finished rollouts are dropped, groups
+whose rewards are all equal are skipped; both counted) -> the recorded tokens become training
+sequences -> one GRPO update -> metrics line, rollouts dump, maybe a checkpoint.
+
+Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl,
+checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).
+`--resume` restores adapter, optimizer, RNG, step and data cursor from the newest checkpoint, drops
+metrics and dumps of the steps after it, and continues: no sample is trained twice and the data
+order goes on where it stopped. (Sampling noise itself is not replayed bit for bit.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig, load_config, save_config
+from trainer.data import DatasetError, TaskStream, load_tasks
+from trainer.rewards import EvaluatorLoadError, load_evaluator
+from trainer.scheduler import EnvPool, EnvsUnreachable, GatewayEndpoint, GroupResult, RolloutScheduler, failure_counts
+
+logger = logging.getLogger("trainer.run")
+
+STATE_FILE = "trainer_state.pt"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why."""
+
+
+# --- generation backend ---------------------------------------------------------------------
+
+
+def make_backend(config: TrainConfig, learner: Any) -> Any:
+    """The generation backend named by `config.backend` (the one place backends are built)."""
+    if config.backend == "transformers":
+        from trainer.backend import TransformersBackend
+
+        return TransformersBackend(
+            learner.model, learner.tokenizer, max_batch_size=config.generation.max_batch_size,
+            collect_window_s=config.generation.collect_window_s, seed=config.seed,
+        )
+    raise ConfigError(f"backend: unknown backend {config.backend!r}")
+
+
+class TimedBackend:
+    """Wraps a backend to measure the wall time during which any generation was running and the
+    tokens it produced (the step's `time/generate` and generation throughput)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.busy_s = 0.0
+        self.tokens = 0
+        self._active = 0
+        self._since = 0.0
+
+    async def generate(self, prompt_ids: list[int], params: Any) -> Any:
+        if self._active == 0:
+            self._since = time.perf_counter()
+        self._active += 1
+        try:
+            out = await self.inner.generate(prompt_ids, params)
+            self.tokens += len(out.token_ids)
+            return out
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self.busy_s += time.perf_counter() - self._since
+
+    async def weights_updated(self, adapter_dir: Path | None) -> None:
+        await self.inner.weights_updated(adapter_dir)
+
+    def take(self) -> tuple[float, int]:
+        """(busy seconds, tokens) since the last take."""
+        now = time.perf_counter()
+        busy = self.busy_s + (now - self._since if self._active else 0.0)
+        if self._active:
+            self._since = now
+        out = (busy, self.tokens)
+        self.busy_s, self.tokens = 0.0, 0
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # lock, stats, close ... of the wrapped backend
+        return getattr(self.inner, name)
+
+
+# --- the gateway, served on this loop -------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(app: Any, host: str, port: int, public_url: str | None) -> AsyncIterator[str]:
+    """Run `app` with uvicorn as a task on the running loop; yield the URL envs reach it at."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:  # Ctrl-C stops the trainer, not just the gateway
+            yield
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                    timeout_keep_alive=75))
+    task = asyncio.create_task(server.serve(), name="gateway")
+    while not server.started:
+        if task.done():
+            exc = task.exception()
+            raise RunError(f"the gateway could not listen on {host}:{port}: {exc or 'uvicorn exited'}")
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    try:
+        yield public_url.rstrip("/") if public_url else f"http://{shown}:{bound}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+
+
+# --- one step's bookkeeping -----------------------------------------------------------------
+
+
+@dataclass
+class StepBatch:
+    samples: list[Any]
+    trained_groups: int
+    dropped: int
+    all_equal: int
+
+
+def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch:
+    """Advantages per group, then training sequences from the recorded calls."""
+    from trainer.grpo import group_advantages
+    from trainer.samples import rollout_samples
+
+    samples: list[Any] = []
+    trained = dropped = all_equal = 0
+    for group in groups:
+        finished = group.finished
+        if len(finished) < config.rollout.min_group_size:
+            dropped += 1
+            continue
+        rewards = [r.reward for r in finished]
+        if max(rewards) - min(rewards) < 1e-9:
+            all_equal += 1
+            continue
+        trained += 1
+        for r, adv in zip(finished, group_advantages(rewards, config.grpo.scale_rewards)):
+            samples += rollout_samples(r.calls, adv, r.rollout_id)
+    return StepBatch(samples, trained, dropped, all_equal)
+
+
+def reward_metrics(groups: Sequence[GroupResult]) -> dict[str, float]:
+    rewards = [r.reward for g in groups for r in g.finished]
+    total = sum(len(g.rollouts) for g in groups)
+    return {
+        "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
+        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+        "pass_rate": sum(r >= 1.0 - 1e-6 for r in rewards) / len(rewards) if rewards else 0.0,
+        "rollouts/finished": float(len(rewards)),
+        "rollouts/failed": float(total - len(rewards)),
+    }
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, learner: Any, stream: TaskStream) -> Path:
+    """Written to a temporary dir then renamed: a crash never leaves a half checkpoint."""
+    import torch
+
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    learner.save_adapter(tmp / "adapter")
+    state = {"step": step, "data": stream.state_dict(), **learner.state_dict()}
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest = run_dir / "adapter"
+    shutil.rmtree(latest, ignore_errors=True)
+    shutil.copytree(final / "adapter", latest)
+    return final
+
+
+def _truncate_logs(run_dir: Path, step: int) -> None:
+    """Forget what steps after `step` wrote (they are redone after a resume)."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    for dump in (run_dir / "rollouts").glob("step_*.jsonl"):
+        if int(dump.stem.split("_")[1]) > step:
+            dump.unlink()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    run_dir = Path(config.run_dir)
+    if not resume and (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
+        raise RunError(f"run_dir {run_dir} already holds a run (metrics.jsonl); pass --resume to continue it "
+                       "or set another run_dir")
+    (run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+async def _train(config: TrainConfig, resume: bool) -> Path:
+    import torch
+
+    from trainer.gateway import Gateway
+    from trainer.learner import Learner
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tasks = load_tasks(config.dataset)
+    evaluator = load_evaluator(config.evaluator) if config.evaluator else None
+    pool = EnvPool(config.envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
+    try:
+        for warning in await pool.probe():
+            logger.warning("%s (skipped while down)", warning)
+        run_dir = _prepare_run_dir(config, resume)
+        _seed_everything(config.seed)
+        learner = Learner.from_config(config)
+        stream = TaskStream(len(tasks), seed=config.seed, shuffle=config.shuffle)
+        start = 0
+        if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+            state = torch.load(ckpt / STATE_FILE, weights_only=False, map_location=learner.device)
+            learner.load_adapter_weights(ckpt / "adapter")
+            learner.load_state_dict(state)
+            stream.load_state_dict(state["data"])
+            start = int(state["step"])
+            logger.warning("resuming %s from step %d", run_dir, start)
+        _truncate_logs(run_dir, start)
+        if start >= config.steps:
+            return run_dir
+
+        backend = TimedBackend(make_backend(config, learner))
+        gateway = Gateway(backend, learner.tokenizer, default_max_tokens=config.sampling.max_tokens)
+        async with serve_gateway(gateway.app, config.gateway.host, config.gateway.port, config.gateway.public_url) as url:
+            scheduler = RolloutScheduler(
+                pool, GatewayEndpoint(gateway, url),
+                completion_params={"model": "policy", "temperature": config.sampling.temperature,
+                                   "top_p": config.sampling.top_p, "max_tokens": config.sampling.max_tokens},
+                evaluator=evaluator, deadline_s=config.rollout.deadline_s, max_retries=config.rollout.max_retries,
+                max_in_flight=config.rollout.max_in_flight, run_id=uuid.uuid4().hex[:12],
+            )
+            await _loop(config, run_dir, start, tasks, stream, learner, backend, scheduler)
+        close = getattr(backend.inner, "close", None)
+        if close is not None:
+            close()
+        return run_dir
+    finally:
+        await pool.aclose()
+
+
+async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any], stream: TaskStream,
+                learner: Any, backend: TimedBackend, scheduler: RolloutScheduler) -> None:
+    from tqdm import tqdm
+
+    lock = getattr(backend.inner, "lock", None) or contextlib.nullcontext()
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    try:
+        for step in range(start + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            backend.take()
+            retries_before = scheduler.retries
+            indices = stream.take(config.tasks_per_step)
+            groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step)
+            t_rollouts = time.perf_counter() - t0
+            gen_s, gen_tokens = backend.take()
+            batch = build_batch(groups, config)
+
+            t1 = time.perf_counter()
+
+            def learn() -> dict[str, float]:
+                with lock:
+                    return learner.train_step(batch.samples)
+
+            stats = await asyncio.to_thread(learn)
+            await backend.weights_updated(None)
+            t_learn = time.perf_counter() - t1
+            t_step = time.perf_counter() - t0
+
+            metrics: dict[str, Any] = {"step": step, **reward_metrics(groups)}
+            metrics.update({
+                "loss": stats["loss"], "kl": stats["kl"], "clip_frac": stats["clip_frac"],
+                "tokens_per_s": gen_tokens / t_step if t_step > 0 else 0.0,
+                "generate/tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
+                "time/generate": gen_s, "time/env": max(0.0, t_rollouts - gen_s), "time/learn": t_learn,
+                "time/step": t_step,
+                **{f"failures/{kind}": float(n) for kind, n in sorted(failure_counts(groups).items())},
+                "groups/dropped": float(batch.dropped), "groups/all_equal": float(batch.all_equal),
+                "groups/trained": float(batch.trained_groups), "rollouts/retries": float(scheduler.retries - retries_before),
+                "samples": float(len(batch.samples)), "tokens/trained": stats["tokens"],
+                "grad_norm": stats["grad_norm"], "logprob_abs_diff": stats.get("logprob_abs_diff", 0.0),
+                "prefix_mismatch": float(sum(r.prefix_mismatch for g in groups for r in g.rollouts)),
+                "peak_memory_mb": peak_memory_mb(learner.device),
+            })
+            with (run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            with (run_dir / "rollouts" / f"step_{step:06d}.jsonl").open("w") as fh:
+                for g in groups:
+                    for r in g.rollouts:
+                        fh.write(json.dumps({"step": step, **r.dump()}, default=str) + "\n")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint(run_dir, step, learner, stream)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}",
+                            fail=int(metrics["rollouts/failed"]))
+            bar.update(1)
+            if not math.isfinite(metrics["loss"]):
+                raise RunError(f"step {step}: the loss is {metrics['loss']}; stopping (see {run_dir}/metrics.jsonl)")
+    finally:
+        bar.close()
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train as `config` says; return the run directory."""
+    return asyncio.run(_train(config, resume))
+
+
+USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="openrft train", description="train a LoRA adapter with GRPO against remote envs")
+    parser.add_argument("config", help="YAML or JSON config file (see trainer/config.py for every key)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set grpo.kl_coef=0.05 steps=20")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        run_dir = train(config, resume=args.resume)
+    except USER_ERRORS as exc:
+        print(f"openrft train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("openrft train: interrupted", file=sys.stderr)
+        return 130
+    print(f"run directory: {run_dir}\nadapter: {run_dir / 'adapter'}")
+    return 0

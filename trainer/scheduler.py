@@ -1,0 +1,523 @@
+"""Rollout scheduler: groups of rollouts over one or more env servers, to a terminal result each.
+
+For every rollout: open it on the model endpoint (the gateway, or a plain OpenAI-compatible URL
+for evaluation) -> `POST /init` on an env chosen by the router -> wait for a terminal status,
+which ever comes first of (a) the env's batched long-poll `POST /status/batch` and (b) the
+gateway's `/logs` push (eval-protocol servers) -> at the deadline, cancel it on the env -> close
+it on the endpoint (its call records come back) -> score it.
+
+Nothing waits forever: each attempt has the rollout deadline, and only retryable failures are
+retried, a bounded number of times, each on the next env the router picks. Retryable: init
+refused for capacity (429/503), a 5xx, an unreachable env, an env lost while waiting, or a
+terminal status UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED / NOT_FOUND (the env restarted and
+forgot the rollout). A retry is a fresh rollout id: the env is idempotent on the id, and the
+first attempt's model calls must not be mixed into the second's record.
+
+One waiter task per env polls every rollout in flight there with a single long-poll request, so
+thousands of rollouts cost one HTTP request per wave, not one per rollout per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from env_sdk import (
+    AuthError,
+    BadRequestError,
+    CapacityError,
+    EnvClient,
+    EnvError,
+    EnvProtocolError,
+    EnvUnreachableError,
+    NotFoundError,
+    ServerError,
+)
+from env_sdk.models import InitRequest, RolloutMetadata, Status, StatusCode, StatusResponse, Task
+from trainer.config import EnvEndpoint
+from trainer.rewards import Evaluator, ScoreInvalid, score_rollout
+
+logger = logging.getLogger("trainer.scheduler")
+
+RETRYABLE_CODES = frozenset(
+    {StatusCode.UNAVAILABLE, StatusCode.RESOURCE_EXHAUSTED, StatusCode.ABORTED, StatusCode.NOT_FOUND}
+)
+#: How long an env that refused connections is skipped by the router.
+DOWN_FOR_S = 10.0
+#: Debounce before a waiter sends a long-poll, so a burst of new rollouts shares one request.
+POLL_DEBOUNCE_S = 0.005
+
+
+class EnvsUnreachable(RuntimeError):
+    """No configured env server answers /health; the message names each URL and its error."""
+
+
+# --- the model side of a rollout ----------------------------------------------------------
+
+
+class ModelEndpoint(Protocol):
+    """Where envs send their model calls for a rollout."""
+
+    def open(self, metadata: RolloutMetadata) -> tuple[str, str | None]:
+        """Register the rollout; return (model_base_url, api_key) for its InitRequest."""
+        ...
+
+    def logged(self, rollout_id: str) -> asyncio.Event | None:
+        """An event set when the env pushed the rollout's terminal status (eval-protocol /logs)."""
+        ...
+
+    def logged_status(self, rollout_id: str) -> Status | None: ...
+
+    def close(self, rollout_id: str) -> tuple[list[Any], bool]:
+        """Stop accepting calls for the rollout; return (call records, prefix_mismatch)."""
+        ...
+
+
+class GatewayEndpoint:
+    """The trainer's own gateway: calls are recorded token by token for training."""
+
+    def __init__(self, gateway: Any, public_url: str) -> None:
+        self.gateway = gateway
+        self.public_url = public_url
+
+    def open(self, metadata: RolloutMetadata) -> tuple[str, str | None]:
+        return self.gateway.open_rollout(metadata, self.public_url)
+
+    def logged(self, rollout_id: str) -> asyncio.Event | None:
+        return self.gateway.record(rollout_id).logged
+
+    def logged_status(self, rollout_id: str) -> Status | None:
+        return self.gateway.record(rollout_id).logged_status
+
+    def close(self, rollout_id: str) -> tuple[list[Any], bool]:
+        record = self.gateway.close_rollout(rollout_id)
+        return list(record.calls), bool(record.prefix_mismatch)
+
+
+class ExternalEndpoint:
+    """Any OpenAI-compatible URL (evaluation only): envs call it directly, nothing is recorded."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self.url, self.api_key = url, api_key
+
+    def open(self, metadata: RolloutMetadata) -> tuple[str, str | None]:
+        return self.url, self.api_key
+
+    def logged(self, rollout_id: str) -> asyncio.Event | None:
+        return None
+
+    def logged_status(self, rollout_id: str) -> Status | None:
+        return None
+
+    def close(self, rollout_id: str) -> tuple[list[Any], bool]:
+        return [], False
+
+
+# --- env servers ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    """Per env: rollouts in flight there, and the long-polls that watch them."""
+
+    pending: dict[str, asyncio.Future[StatusResponse]] = field(default_factory=dict)
+    unpolled: set[str] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    polls: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+@dataclass
+class EnvSlot:
+    url: str
+    client: EnvClient
+    token: str | None = None
+    wait: str = "auto"  # "poll" | "logs" once probed
+    in_flight: int = 0
+    down_until: float = 0.0
+    waiter: _Waiter = field(default_factory=_Waiter)
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+
+class EnvPool:
+    """The env servers of a run: health probe at start, routing, and batched waiting."""
+
+    def __init__(self, endpoints: Sequence[EnvEndpoint], *, routing: str = "least_loaded", poll_s: float = 2.0,
+                 max_connections: int = 256) -> None:
+        self.slots = [
+            EnvSlot(e.url.rstrip("/"), EnvClient(e.url, token=e.token, max_connections=max_connections),
+                    token=e.token, wait=e.wait)
+            for e in endpoints
+        ]
+        self.routing = routing
+        self.poll_s = poll_s
+        self._rr = itertools.cycle(range(len(self.slots)))
+
+    async def probe(self, timeout_s: float = 5.0) -> list[str]:
+        """GET /health on every env. Raises EnvsUnreachable if none answers; returns warnings
+        for those that do not (they are marked down and skipped while down). An env answering
+        404 there is taken for an eval-protocol server (no /health, no /status): with wait
+        "auto" its rollouts end only by the gateway's /logs push."""
+
+        async def one(slot: EnvSlot) -> str | None:
+            try:
+                async with EnvClient(slot.url, token=slot.token, timeout=timeout_s, max_retries=1) as probe:
+                    await probe.health()
+            except NotFoundError:
+                if slot.wait == "auto":
+                    slot.wait = "logs"
+                    logger.warning("env %s has no /health: waiting for its /logs pushes only", slot.url)
+            except (EnvError, OSError) as exc:
+                slot.down_until = time.monotonic() + DOWN_FOR_S
+                return f"env {slot.url} is unreachable: {exc}"
+            if slot.wait == "auto":
+                slot.wait = "poll"
+            return None
+
+        results = await asyncio.gather(*(one(s) for s in self.slots))
+        problems = [r for r in results if r]
+        if len(problems) == len(self.slots):
+            raise EnvsUnreachable("no env server answers GET /health:\n  " + "\n  ".join(problems))
+        return problems
+
+    def pick(self) -> EnvSlot:
+        up = [s for s in self.slots if s.up]
+        if not up:  # all down: try the one that has been down longest
+            return min(self.slots, key=lambda s: s.down_until)
+        if self.routing == "round_robin":
+            for _ in range(len(self.slots)):
+                slot = self.slots[next(self._rr)]
+                if slot.up:
+                    return slot
+        return min(up, key=lambda s: s.in_flight)
+
+    def mark_down(self, slot: EnvSlot) -> None:
+        slot.down_until = time.monotonic() + DOWN_FOR_S
+
+    # --- waiting ----------------------------------------------------------------------------
+
+    def watch(self, slot: EnvSlot, rollout_id: str) -> asyncio.Future[StatusResponse]:
+        """A future resolved with the rollout's terminal status (or an EnvError while waiting)."""
+        w = slot.waiter
+        fut: asyncio.Future[StatusResponse] = asyncio.get_running_loop().create_future()
+        w.pending[rollout_id] = fut
+        w.unpolled.add(rollout_id)
+        w.wake.set()
+        if w.task is None or w.task.done():
+            w.task = asyncio.create_task(self._wait_loop(slot), name=f"waiter {slot.url}")
+        return fut
+
+    def unwatch(self, slot: EnvSlot, rollout_id: str) -> None:
+        slot.waiter.pending.pop(rollout_id, None)
+        slot.waiter.unpolled.discard(rollout_id)
+
+    async def _wait_loop(self, slot: EnvSlot) -> None:
+        w = slot.waiter
+        while True:
+            await w.wake.wait()
+            w.wake.clear()
+            await asyncio.sleep(POLL_DEBOUNCE_S)
+            ids = [rid for rid in w.unpolled if rid in w.pending]
+            w.unpolled.clear()
+            if ids:
+                task = asyncio.create_task(self._poll(slot, ids))
+                w.polls.add(task)
+                task.add_done_callback(w.polls.discard)
+
+    async def _poll(self, slot: EnvSlot, ids: list[str]) -> None:
+        w = slot.waiter
+        try:
+            found = await slot.client.wait_many(ids, timeout_s=self.poll_s)
+        except (EnvError, OSError) as exc:
+            for rid in ids:
+                fut = w.pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc if isinstance(exc, EnvError) else EnvUnreachableError(str(exc)))
+            return
+        for rid, st in found.items():
+            fut = w.pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(st)
+        rest = [rid for rid in ids if rid in w.pending]
+        if rest:
+            w.unpolled.update(rest)
+            w.wake.set()
+
+    async def aclose(self) -> None:
+        for slot in self.slots:
+            w = slot.waiter
+            tasks = [t for t in [w.task, *w.polls] if t is not None]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await slot.client.aclose()
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutResult:
+    rollout_id: str
+    group: int
+    task_index: int
+    status: Status
+    reward: float | None = None
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    termination_reason: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    calls: list[Any] = field(default_factory=list)
+    prefix_mismatch: bool = False
+    env_url: str = ""
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.status.ok and self.reward is not None
+
+    @property
+    def failure_kind(self) -> str | None:
+        if self.ok:
+            return None
+        try:
+            return StatusCode(self.status.code).name.lower()
+        except ValueError:
+            return f"code_{self.status.code}"
+
+    def dump(self) -> dict[str, Any]:
+        """The rollouts-dump record (RUN_DIR/rollouts/step_*.jsonl)."""
+        return {
+            "rollout_id": self.rollout_id,
+            "group": self.group,
+            "task_index": self.task_index,
+            "reward": self.reward,
+            "reason": self.reason,
+            "status": {"code": self.status.code, "message": self.status.message},
+            "messages": self.messages,
+            "termination_reason": self.termination_reason,
+            "metrics": self.metrics,
+            "env_url": self.env_url,
+            "attempts": self.attempts,
+            "num_calls": len(self.calls),
+            "prefix_mismatch": self.prefix_mismatch,
+        }
+
+
+@dataclass
+class GroupResult:
+    group: int
+    task_index: int
+    rollouts: list[RolloutResult]
+
+    @property
+    def finished(self) -> list[RolloutResult]:
+        return [r for r in self.rollouts if r.ok]
+
+
+def failure_counts(groups: Sequence[GroupResult]) -> Counter[str]:
+    return Counter(r.failure_kind for g in groups for r in g.rollouts if r.failure_kind)
+
+
+class _Attempt(Exception):
+    """An attempt failed with `status`; `retry` says whether another attempt may help."""
+
+    def __init__(self, status: Status, retry: bool) -> None:
+        super().__init__(status.message)
+        self.status, self.retry = status, retry
+
+
+def _error_status(exc: EnvError) -> tuple[Status, bool]:
+    """Client error -> (status, retryable)."""
+    if isinstance(exc, EnvUnreachableError):
+        return Status.error(StatusCode.UNAVAILABLE, str(exc)), True
+    if isinstance(exc, CapacityError):
+        return Status.error(StatusCode.RESOURCE_EXHAUSTED, str(exc)), True
+    if isinstance(exc, ServerError):
+        return Status.error(StatusCode.UNAVAILABLE, str(exc)), True
+    if isinstance(exc, AuthError):
+        return Status.error(StatusCode.UNAUTHENTICATED, str(exc)), False
+    if isinstance(exc, NotFoundError):
+        return Status.error(StatusCode.NOT_FOUND, str(exc)), True
+    if isinstance(exc, BadRequestError):
+        return Status.error(StatusCode.INVALID_ARGUMENT, str(exc)), False
+    if isinstance(exc, EnvProtocolError):
+        return Status.error(StatusCode.DATA_LOSS, str(exc)), False
+    return Status.error(StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"), False
+
+
+# --- the scheduler --------------------------------------------------------------------------
+
+
+class RolloutScheduler:
+    def __init__(
+        self,
+        pool: EnvPool,
+        endpoint: ModelEndpoint,
+        *,
+        completion_params: dict[str, Any],
+        evaluator: Evaluator | None,
+        deadline_s: float,
+        max_retries: int,
+        max_in_flight: int,
+        run_id: str,
+        experiment_id: str = "openrft",
+    ) -> None:
+        self.pool = pool
+        self.endpoint = endpoint
+        self.completion_params = completion_params
+        self.evaluator = evaluator
+        self.deadline_s = deadline_s
+        self.max_retries = max_retries
+        self.semaphore = asyncio.Semaphore(max_in_flight)
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.retries = 0
+
+    async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int) -> list[GroupResult]:
+        """Run `group_size` rollouts of each (dataset index, task); every rollout ends."""
+        nonce = uuid.uuid4().hex[:6]  # a rerun of a step (after --resume) must not reuse ids
+        jobs = [
+            self.run_rollout(task, task_index=index, group=g, rollout_id=f"s{step}-g{g}-r{k}-{nonce}")
+            for g, (index, task) in enumerate(tasks)
+            for k in range(group_size)
+        ]
+        results = await asyncio.gather(*jobs)
+        return [
+            GroupResult(g, index, list(results[g * group_size : (g + 1) * group_size]))
+            for g, (index, _) in enumerate(tasks)
+        ]
+
+    async def run_rollout(self, task: Task, *, task_index: int, group: int, rollout_id: str) -> RolloutResult:
+        """One rollout to its end, with bounded retries of retryable failures."""
+        last: _Attempt | None = None
+        for attempt in range(self.max_retries + 1):
+            rid = rollout_id if attempt == 0 else f"{rollout_id}.{attempt}"
+            slot = self.pool.pick()
+            try:
+                async with self.semaphore:
+                    result = await self._attempt(task, rid, slot, task_index=task_index, group=group)
+                result.attempts = attempt + 1
+                return result
+            except _Attempt as failed:
+                last = failed
+                if not failed.retry:
+                    break
+                self.retries += 1
+                logger.info("rollout %s on %s failed (%s), retrying", rid, slot.url, failed.status.message)
+        assert last is not None
+        return RolloutResult(rid, group, task_index, last.status, env_url=slot.url, attempts=attempt + 1)
+
+    def _metadata(self, rid: str, task_index: int) -> RolloutMetadata:
+        return RolloutMetadata(invocation_id=self.run_id, experiment_id=self.experiment_id, rollout_id=rid,
+                               run_id=self.run_id, row_id=str(task_index))
+
+    async def _attempt(self, task: Task, rid: str, slot: EnvSlot, *, task_index: int, group: int) -> RolloutResult:
+        metadata = self._metadata(rid, task_index)
+        base_url, api_key = self.endpoint.open(metadata)
+        request = InitRequest(
+            completion_params=self.completion_params,
+            messages=task.messages,
+            tools=task.tools,
+            model_base_url=base_url,
+            metadata=metadata,
+            api_key=api_key,
+            deadline_s=self.deadline_s,
+            task_metadata=task.metadata or None,
+        )
+        slot.in_flight += 1
+        try:
+            status = await self._start_and_wait(request, slot)
+        finally:
+            slot.in_flight -= 1
+            calls, mismatch = self.endpoint.close(rid)
+        result = RolloutResult(rid, group, task_index, status.status or Status.finished(), calls=calls,
+                               prefix_mismatch=mismatch, env_url=slot.url, info=dict(status.info or {}),
+                               termination_reason=status.termination_reason, metrics=dict(status.metrics or {}))
+        result.messages = (
+            [m.model_dump(exclude_none=True) for m in status.messages] if status.messages else _conversation(calls)
+        )
+        if not result.status.ok:
+            if result.status.code in RETRYABLE_CODES:
+                raise _Attempt(result.status, retry=True)
+            return result
+        try:
+            score = await score_rollout(self.evaluator, result.messages, task.ground_truth, result.info, status.reward)
+        except ScoreInvalid as exc:
+            result.status = Status.error(StatusCode.SCORE_INVALID, str(exc))
+            return result
+        result.reward, result.reason = score.reward, score.reason
+        result.metrics.update(score.metrics)
+        return result
+
+    async def _start_and_wait(self, request: InitRequest, slot: EnvSlot) -> StatusResponse:
+        """Init on the env, then the first of: batched long-poll, /logs push, deadline."""
+        rid = request.metadata.rollout_id
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                try:
+                    await slot.client.init(request)
+                except EnvError as exc:
+                    if isinstance(exc, EnvUnreachableError):
+                        self.pool.mark_down(slot)
+                    raise _Attempt(*_error_status(exc)) from None
+                return await self._wait(slot, rid)
+        except TimeoutError:
+            await self._cancel(slot, rid)
+            return StatusResponse(terminated=True, status=Status.error(
+                StatusCode.DEADLINE_EXCEEDED, f"rollout not terminal after its deadline of {self.deadline_s:g}s; cancelled"))
+
+    async def _wait(self, slot: EnvSlot, rid: str) -> StatusResponse:
+        polled = self.pool.watch(slot, rid) if slot.wait != "logs" else None
+        logged = self.endpoint.logged(rid)
+        pushed = asyncio.ensure_future(logged.wait()) if logged is not None else None
+        try:
+            waits = [w for w in (polled, pushed) if w is not None]
+            if not waits:
+                raise _Attempt(Status.error(StatusCode.FAILED_PRECONDITION,
+                                            f"env {slot.url} reports by /logs only, and this model endpoint has none"),
+                               retry=False)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if polled is not None and polled in done:
+                try:
+                    return polled.result()
+                except EnvError as exc:
+                    self.pool.mark_down(slot)
+                    await self._cancel(slot, rid)
+                    status, retry = _error_status(exc)
+                    raise _Attempt(Status.error(StatusCode(status.code), f"while waiting: {status.message}"),
+                                   retry=retry) from None
+            st = self.endpoint.logged_status(rid) or Status.finished()
+            return StatusResponse(terminated=True, status=st, info={})
+        finally:
+            self.pool.unwatch(slot, rid)
+            for fut in (polled, pushed):
+                if fut is not None and not fut.done():
+                    fut.cancel()
+
+    async def _cancel(self, slot: EnvSlot, rid: str) -> None:
+        """Best effort, bounded: the env may be gone."""
+        try:
+            async with asyncio.timeout(5.0):
+                await slot.client.cancel(rid)
+        except (EnvError, OSError, TimeoutError):
+            pass
+
+
+def _conversation(calls: Sequence[Any]) -> list[dict[str, Any]]:
+    """The conversation as the gateway saw it: the last call's messages plus its answer."""
+    if not calls:
+        return []
+    last = calls[-1]
+    return [*last.messages, last.response]
