@@ -44,6 +44,7 @@ __all__ = [
     "extract_number",
     "extract_json",
     "normalize_text",
+    "final_text",
 ]
 
 
@@ -72,6 +73,18 @@ class Grader(ABC):
 
 
 # --- text helpers -------------------------------------------------------------------------
+
+
+def final_text(messages: Sequence[Any]) -> str | None:
+    """The text of the conversation's last assistant message; None when there is no assistant
+    message or its text is empty (e.g. it only called tools). Accepts dicts or pydantic models."""
+    for message in reversed(messages):
+        m = message if isinstance(message, Mapping) else message.model_dump()
+        if m.get("role") == "assistant":
+            content = m.get("content")
+            return content if isinstance(content, str) and content.strip() else None
+    return None
+
 
 _PUNCT_EDGES = string.punctuation + " \t\n\r“”‘’"
 

@@ -7,23 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from env_sdk import EvaluationResult
-from env_sdk.graders import NumericMatch
+from env_sdk.graders import NumericMatch, final_text
 
 _MATCH = NumericMatch(abs_tol=1e-6)
 
 
-def final_answer(messages: list[Any]) -> str | None:
-    """The text of the last assistant message, or None when there is none (or it is empty)."""
-    for message in reversed(messages):
-        m = message if isinstance(message, dict) else message.model_dump()
-        if m.get("role") == "assistant":
-            content = m.get("content")
-            return content if isinstance(content, str) and content.strip() else None
-    return None
-
-
 def grade(messages: list[Any], expected: float) -> EvaluationResult:
-    text = final_answer(messages)
+    text = final_text(messages)
     if text is None:
         return EvaluationResult(score=0.0, reason="no answer: the last assistant message has no text")
     return _MATCH.grade(text, expected)
