@@ -98,6 +98,23 @@ class GenerationConfig(_Section):
     collect_window_s: float = Field(default=0.01, ge=0)
 
 
+class VLLMConfig(_Section):
+    """`backend: vllm`: generation on vLLM servers over HTTP (trainer/vllm_backend.py, docs/vllm.md)."""
+
+    urls: list[str] = Field(default_factory=list, description="running vLLM servers; empty = start num_servers here")
+    num_servers: int = Field(default=1, ge=1, description="servers to start when urls is empty")
+    python: str | None = Field(default=None, description="python of the vLLM venv; default .venv-vllm/bin/python")
+    max_model_len: int | None = Field(default=None, ge=2, description="--max-model-len of started servers")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of started servers; auto = the learner's (so logprobs match)"
+    )
+    extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags for started servers")
+    api_key: str | None = None
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    load_timeout_s: float = Field(default=120.0, gt=0, description="adapter load into all servers, per step")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class EvalConfig(_Section):
     """`openrft eval`: which model, which dataset, how many samples per task."""
 
@@ -131,7 +148,8 @@ class TrainConfig(_Section):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     checkpoint_every: int = Field(default=10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
