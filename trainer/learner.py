@@ -213,9 +213,12 @@ class Learner:
     # --- persistence ----------------------------------------------------------------------
 
     def save_adapter(self, out_dir: str | Path) -> Path:
-        """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+        Only LoRA weights are written: the base embeddings are never trained here, so they are left
+        out even when `lm_head` / `embed_tokens` carry LoRA (peft would copy the full matrices)."""
         out = Path(out_dir)
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(out, save_embedding_layers=False)
         return out
 
     def load_adapter_weights(self, adapter_dir: str | Path) -> None:
