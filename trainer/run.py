@@ -40,6 +40,7 @@ from trainer.config import ConfigError, TrainConfig, load_config, save_config
 from trainer.data import DatasetError, TaskStream, load_tasks
 from trainer.rewards import EvaluatorLoadError, load_evaluator
 from trainer.scheduler import EnvPool, EnvsUnreachable, GatewayEndpoint, GroupResult, RolloutScheduler, failure_counts
+from trainer.vllm_backend import VLLMError
 
 logger = logging.getLogger("trainer.run")
 
@@ -62,7 +63,35 @@ def make_backend(config: TrainConfig, learner: Any) -> Any:
             learner.model, learner.tokenizer, max_batch_size=config.generation.max_batch_size,
             collect_window_s=config.generation.collect_window_s, seed=config.seed,
         )
+    if config.backend == "vllm":
+        from trainer.vllm_backend import VLLMBackend
+
+        v = config.vllm
+        common: dict[str, Any] = dict(api_key=v.api_key, request_timeout_s=v.request_timeout_s,
+                                      load_timeout_s=v.load_timeout_s)
+        if v.urls:
+            return VLLMBackend(v.urls, **common)
+        dtype = v.dtype if v.dtype != "auto" else str(learner.dtype).removeprefix("torch.")
+        return VLLMBackend.launch(
+            config.model, num_servers=v.num_servers, python=v.python, max_lora_rank=config.lora.rank,
+            max_model_len=v.max_model_len, dtype=dtype, extra_args=v.extra_args,
+            log_dir=Path(config.run_dir) / "vllm", startup_timeout_s=v.startup_timeout_s, **common,
+        )
     raise ConfigError(f"backend: unknown backend {config.backend!r}")
+
+
+async def sync_weights(backend: Any, learner: Any, run_dir: Path, step: int) -> None:
+    """Tell the backend the weights changed. A backend serving its own copy of the model (vLLM:
+    `needs_adapter_dir`) gets this step's adapter saved for it; the previous one is then removed."""
+    if not getattr(backend, "needs_adapter_dir", False):
+        await backend.weights_updated(None)
+        return
+    sync = run_dir / "sync_adapter"
+    adapter_dir = await asyncio.to_thread(learner.save_adapter, sync / f"step_{step:06d}")
+    await backend.weights_updated(adapter_dir)
+    for old in sync.glob("step_*"):
+        if old != adapter_dir:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class TimedBackend:
@@ -283,19 +312,23 @@ async def _train(config: TrainConfig, resume: bool) -> Path:
             return run_dir
 
         backend = TimedBackend(make_backend(config, learner))
-        gateway = Gateway(backend, learner.tokenizer, default_max_tokens=config.sampling.max_tokens)
-        async with serve_gateway(gateway.app, config.gateway.host, config.gateway.port, config.gateway.public_url) as url:
-            scheduler = RolloutScheduler(
-                pool, GatewayEndpoint(gateway, url),
-                completion_params={"model": "policy", "temperature": config.sampling.temperature,
-                                   "top_p": config.sampling.top_p, "max_tokens": config.sampling.max_tokens},
-                evaluator=evaluator, deadline_s=config.rollout.deadline_s, max_retries=config.rollout.max_retries,
-                max_in_flight=config.rollout.max_in_flight, run_id=uuid.uuid4().hex[:12],
-            )
-            await _loop(config, run_dir, start, tasks, stream, learner, backend, scheduler)
-        close = getattr(backend.inner, "close", None)
-        if close is not None:
-            close()
+        try:
+            if start:  # a backend with its own copy of the model must serve the resumed weights
+                await backend.weights_updated(checkpoint_dir(run_dir, start) / "adapter")
+            gateway = Gateway(backend, learner.tokenizer, default_max_tokens=config.sampling.max_tokens)
+            async with serve_gateway(gateway.app, config.gateway.host, config.gateway.port, config.gateway.public_url) as url:
+                scheduler = RolloutScheduler(
+                    pool, GatewayEndpoint(gateway, url),
+                    completion_params={"model": "policy", "temperature": config.sampling.temperature,
+                                       "top_p": config.sampling.top_p, "max_tokens": config.sampling.max_tokens},
+                    evaluator=evaluator, deadline_s=config.rollout.deadline_s, max_retries=config.rollout.max_retries,
+                    max_in_flight=config.rollout.max_in_flight, run_id=uuid.uuid4().hex[:12],
+                )
+                await _loop(config, run_dir, start, tasks, stream, learner, backend, scheduler)
+        finally:  # also when a step fails: servers a backend started must not outlive the run
+            close = getattr(backend.inner, "close", None)
+            if close is not None:
+                close()
         return run_dir
     finally:
         await pool.aclose()
@@ -326,7 +359,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                     return learner.train_step(batch.samples)
 
             stats = await asyncio.to_thread(learn)
-            await backend.weights_updated(None)
+            await sync_weights(backend, learner, run_dir, step)
             t_learn = time.perf_counter() - t1
             t_step = time.perf_counter() - t0
 
@@ -367,7 +400,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     return asyncio.run(_train(config, resume))
 
 
-USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError)
 
 
 def main(argv: list[str]) -> int:

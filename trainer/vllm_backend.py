@@ -436,14 +436,7 @@ class VLLMBackend:
             server.stop()
         if servers:
             atexit.unregister(self.close)
-        client, self._client = self._client, None
-        loop = self._client_loop
-        if client is not None and loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                if loop.is_running():
-                    loop.create_task(client.aclose())
-                else:
-                    loop.run_until_complete(client.aclose())
+        self._client = None  # its pooled connections close with it
 
 
 def _parse_completion(data: Any, url: str) -> Generation:
