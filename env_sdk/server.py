@@ -420,6 +420,8 @@ def create_env_app(
               responses={200: {"model": InitResponse, "description": "duplicate rollout_id: already started"},
                          400: err, 401: err, 413: err, 422: err, 429: err, 503: err})
     async def init(req: InitRequest) -> Response:
+        """Start one rollout and answer at once (202). A rollout_id the server already holds
+        answers 200 and starts nothing. 429 + Retry-After at capacity."""
         rid = req.metadata.rollout_id
         body = b'{"status":"accepted","rollout_id":' + json.dumps(rid).encode() + b"}"
         if rid in server.rollouts:
@@ -437,6 +439,7 @@ def create_env_app(
         rollout_id: str = Query(min_length=1),
         wait_s: float = Query(0.0, ge=0, le=60, description="long-poll: wait up to wait_s for a terminal state"),
     ) -> Response:
+        """The rollout's status; with wait_s > 0 the answer waits until it is terminal or wait_s passed."""
         r = server.rollouts.get(rollout_id)
         if r is None:
             return _unknown(rollout_id)
@@ -447,6 +450,8 @@ def create_env_app(
 
     @app.post("/status/batch", response_model=StatusBatchResponse, responses={401: err, 413: err, 422: err})
     async def status_batch(req: StatusBatchRequest) -> Response:
+        """The terminal rollouts among rollout_ids. With wait_s > 0 and none terminal yet, waits until
+        one is (then gathers more for linger_s) or wait_s passed. Ids never seen are listed in `unknown`."""
         ids = list(dict.fromkeys(req.rollout_ids))
 
         def terminal() -> list[_Rollout]:
@@ -468,6 +473,7 @@ def create_env_app(
 
     @app.post("/cancel", response_model=CancelResponse, responses={401: err, 404: err, 422: err})
     async def cancel(rollout_id: str = Query(min_length=1)) -> Response:
+        """Stop a running rollout (its status becomes CANCELLED); a terminal one is left as it is."""
         r = server.rollouts.get(rollout_id)
         if r is None:
             return _unknown(rollout_id)
@@ -483,11 +489,13 @@ def create_env_app(
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
+        """Liveness and capacity; needs no token."""
         return Health(status="draining" if server.draining else "ok", capacity=server.max_concurrency,
                       in_flight=server.running, available=max(server.max_concurrency - server.running, 0))
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
+        """Protocol version and server name; needs no token."""
         return VersionResponse(name=name, sdk=SDK_VERSION)
 
     return app

@@ -276,8 +276,13 @@ async def test_rollouts_are_logged_with_their_id(caplog: pytest.LogCaptureFixtur
     assert "rollout logged-1 finished: code=13" in text
 
 
+#: eval-protocol 0.3.33 sends `InitRequest.model_dump()`: every optional Message field, as null.
+EP_MESSAGE_NULLS = {"reasoning_content": None, "name": None, "tool_call_id": None, "tool_calls": None,
+                    "function_call": None, "control_plane_step": None, "weight": None, "logprobs": None}
+
+
 async def test_eval_protocol_init_body_is_accepted_as_is() -> None:
-    """A literal body as eval-protocol's RemoteRolloutProcessor sends it (0.3.x field set)."""
+    """A literal body as eval-protocol 0.3.33's RemoteRolloutProcessor posts it (model_dump(), nulls kept)."""
     seen: list[RolloutTask] = []
 
     async def agent(task: RolloutTask, client: openai.AsyncOpenAI) -> None:
@@ -286,7 +291,8 @@ async def test_eval_protocol_init_body_is_accepted_as_is() -> None:
     body = {
         "completion_params": {"model": "fireworks_ai/accounts/fireworks/models/qwen3-8b", "temperature": 0.0,
                               "max_tokens": 512},
-        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}],
+        "messages": [dict(EP_MESSAGE_NULLS, role="system", content="You are terse."),
+                     dict(EP_MESSAGE_NULLS, role="user", content="hi")],
         "tools": [{"type": "function", "function": {"name": "lookup", "description": "d",
                                                      "parameters": {"type": "object", "properties": {}}}}],
         "model_base_url": "https://tracing.fireworks.ai/rollout_id/ep-1/invocation_id/iv/experiment_id/ex/run_id/rn/row_id/rw",
