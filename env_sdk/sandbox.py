@@ -15,6 +15,8 @@ In every mode the child gets ``setrlimit`` limits (CPU seconds, address space, p
 size, open files) and a wall-clock timeout after which its whole process group is killed.
 When the caller is root the child also drops to a throw-away uid of its own (61000 and up),
 because the kernel never applies the process limit to root: that is what stops a fork bomb.
+Without bwrap that needs an interpreter other users can reach; where it is not (e.g. a pyenv
+Python under /root), running as root raises `SandboxUnavailable` instead of running unlimited.
 Output is written to files outside the sandbox (so the file-size limit also caps it).
 """
 
@@ -318,8 +320,14 @@ def _prepare(code: str, stdin: str, files: dict[str, str] | None, limits: Sandbo
         kind = isolation
     # A uid of its own (see the module docstring) needs the interpreter reachable by that uid;
     # bwrap makes it so, the other modes only where no folder on its path is closed to others.
+    # Root without one would run with no process limit at all: refuse rather than pretend.
     as_root = os.getuid() == 0
-    uid = _UIDS.acquire() if as_root and (kind == "bwrap" or _reachable_by_others(_interpreter())) else None
+    if as_root and kind != "bwrap" and not _reachable_by_others(_interpreter()):
+        raise SandboxUnavailable(
+            f"cannot sandbox as root without bwrap: the interpreter {_interpreter()} is in a folder other users "
+            "cannot enter, so the code could not drop to its own uid and no process limit would apply "
+            "(install bubblewrap: apt-get install bubblewrap; or run as a non-root user)")
+    uid = _UIDS.acquire() if as_root else None
     work = tempfile.mkdtemp(prefix="openrft-sandbox-")
     io_dir = tempfile.mkdtemp(prefix="openrft-sandbox-io-")
     try:
