@@ -401,7 +401,7 @@ class VLLMBackend:
             self._broken = f"loading adapter {path} timed out"
             raise VLLMError(
                 f"vllm backend: loading adapter {path} into {len(self.endpoints)} server(s) took longer than "
-                f"{self.load_timeout_s:.0f} s (vllm.load_timeout_s); generation stopped rather than sample old weights"
+                f"{self.load_timeout_s:g} s (vllm.load_timeout_s); generation stopped rather than sample old weights"
             ) from None
         except VLLMError as exc:
             self._broken = f"loading adapter {path} failed"
