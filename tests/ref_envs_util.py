@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from env_sdk import EnvClient, InitRequest, RolloutMetadata, StatusResponse
+from env_sdk.conformance import run_conformance
 from tests.helpers import Script, scripted_model_app, serve_app
 
 
@@ -45,3 +46,12 @@ async def healthy(env_url: str) -> bool:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+async def assert_conformant(env_app: Any, row: dict[str, Any]) -> None:
+    """`openrft conformance` (programmatically) passes against `env_app` serving `row`'s task."""
+    with serve_app(env_app) as url:
+        results = await run_conformance(url, task={"messages": row["messages"], "task_metadata": row["metadata"]})
+    failed = [(r.name, r.detail) for r in results if r.outcome == "FAIL"]
+    assert not failed, failed
+    assert sum(r.outcome == "PASS" for r in results) >= 10

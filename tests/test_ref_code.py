@@ -15,7 +15,7 @@ from reference_envs.code.dataset import TEMPLATES, TEST_FUNCTIONS, task
 from reference_envs.code.evaluator import evaluate
 from reference_envs.code.server import create_app
 from reference_envs.datasets import default_path, default_rows, generate
-from tests.ref_envs_util import env_and_model, healthy, rollout
+from tests.ref_envs_util import assert_conformant, env_and_model, healthy, rollout
 
 ISOLATION = available_isolation()
 ROW = next(r for r in generate("code", split="train", seed=0, n=40) if r["ground_truth"]["function"] == "digit_sum")
@@ -155,3 +155,7 @@ def test_dataset_hides_test_functions_from_train_and_rebuilds_tasks() -> None:
     for split in ("train", "test"):
         shipped = [json.loads(line) for line in default_path("code", split).read_text().splitlines()]
         assert shipped == default_rows("code", split)
+
+
+async def test_conformance_passes() -> None:
+    await assert_conformant(create_app(grading_limits=LIMITS, try_limits=LIMITS), ROW)

@@ -10,7 +10,7 @@ from reference_envs.datasets import default_path, default_rows, generate
 from reference_envs.json_extract.dataset import task
 from reference_envs.json_extract.evaluator import evaluate
 from reference_envs.json_extract.server import create_app
-from tests.ref_envs_util import env_and_model, healthy, rollout
+from tests.ref_envs_util import assert_conformant, env_and_model, healthy, rollout
 
 ROW = generate("json_extract", split="test", seed=2, n=1, kind="order")[0]
 FIELDS = ROW["ground_truth"]["fields"]
@@ -77,3 +77,7 @@ def test_tasks_rebuild_from_ids_and_every_kind_is_consistent() -> None:
     for split in ("train", "test"):
         shipped = [json.loads(line) for line in default_path("json_extract", split).read_text().splitlines()]
         assert shipped == default_rows("json_extract", split)
+
+
+async def test_conformance_passes() -> None:
+    await assert_conformant(create_app(), ROW)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 
 from reference_envs.datasets import default_path, default_rows, generate, main as dataset_main
 from reference_envs.math.dataset import problem
 from reference_envs.math.evaluator import evaluate
 from reference_envs.math.server import create_app
-from tests.ref_envs_util import env_and_model, healthy, last_user_text, rollout
+from tests.helpers import free_port
+from tests.ref_envs_util import assert_conformant, env_and_model, healthy, last_user_text, rollout
 
 ROW = generate("math", split="test", seed=3, n=1, kind="sums")[0]
 
@@ -94,3 +99,36 @@ def test_evaluator_needs_ground_truth_and_rejects_bad_ids() -> None:
         evaluate([{"role": "assistant", "content": "3"}], None)
     with pytest.raises(ValueError, match="not a math task id"):
         problem("algebra/12")
+
+
+async def test_conformance_passes() -> None:
+    await assert_conformant(create_app(), ROW)
+
+
+def test_served_with_the_cli_and_checked_with_the_conformance_cli(tmp_path) -> None:
+    """What the README tells a user to run: `openrft env serve ...:agent --token` + `openrft conformance`."""
+    port = free_port()
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"messages": ROW["messages"], "task_metadata": ROW["metadata"]}))
+    cli = [sys.executable, "-m", "trainer.cli"]
+    server = subprocess.Popen([*cli, "env", "serve", "reference_envs.math.server:agent", "--port", str(port),
+                               "--token", "s3cret", "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "env server did not start"
+            time.sleep(0.1)
+        check = subprocess.run([*cli, "conformance", url, "--token", "s3cret", "--task", str(task_file)],
+                               capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "FAIL" not in check.stdout and "PASS" in check.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -13,7 +13,7 @@ from reference_envs.sql_tools.database import open_database, run_select
 from reference_envs.sql_tools.dataset import question
 from reference_envs.sql_tools.evaluator import evaluate
 from reference_envs.sql_tools.server import create_app
-from tests.ref_envs_util import env_and_model, healthy, rollout
+from tests.ref_envs_util import assert_conformant, env_and_model, healthy, rollout
 
 ROWS = generate("sql_tools", split="test", seed=11, n=12)
 NUMERIC = next(r for r in ROWS if isinstance(r["ground_truth"], float))
@@ -146,3 +146,7 @@ def test_dataset_deterministic_and_split_by_database() -> None:
     for split in ("train", "test"):
         shipped = [json.loads(line) for line in default_path("sql_tools", split).read_text().splitlines()]
         assert shipped == default_rows("sql_tools", split)
+
+
+async def test_conformance_passes() -> None:
+    await assert_conformant(create_app(), NUMERIC)

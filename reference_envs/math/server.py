@@ -1,6 +1,7 @@
 """The math env server: one model call per rollout (no tools), scored from the task id.
 
     openrft env serve reference_envs.math.server:app --port 8001
+    openrft env serve reference_envs.math.server:agent --port 8001 --token SECRET   # with server flags
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from env_sdk import EvaluationResult, RolloutTask, create_env_app, tool_agent
+from env_sdk import Agent, EvaluationResult, RolloutTask, create_env_app, tool_agent
 from reference_envs.math.dataset import problem
 from reference_envs.math.evaluator import grade
 
@@ -23,12 +24,16 @@ def score(task: RolloutTask, messages: list[dict[str, Any]]) -> EvaluationResult
     return grade(messages, problem(str(task_id)).answer)
 
 
-def create_app(*, max_turns: int = 2, **server_options: Any) -> FastAPI:
-    """The app; `server_options` go to `create_env_app` (max_concurrency, deadline_s, token)."""
+def build_agent(*, max_turns: int = 2) -> Agent:
     # No tools: the model answers in text. A model that calls tools anyway is told there are
     # none and cut at max_turns.
-    agent = tool_agent([], evaluator=score, max_turns=max_turns)
-    return create_env_app(agent, name="math", **server_options)
+    return tool_agent([], evaluator=score, max_turns=max_turns)
 
 
+def create_app(*, max_turns: int = 2, **server_options: Any) -> FastAPI:
+    """The app; `server_options` go to `create_env_app` (max_concurrency, deadline_s, token)."""
+    return create_env_app(build_agent(max_turns=max_turns), name="math", **server_options)
+
+
+agent = build_agent()
 app = create_app()

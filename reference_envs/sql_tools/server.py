@@ -1,6 +1,7 @@
 """The sql_tools env server: a tool-using agent over a read-only SQLite shop.
 
     openrft env serve reference_envs.sql_tools.server:app --port 8002
+    openrft env serve reference_envs.sql_tools.server:agent --port 8002 --token SECRET
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from env_sdk import EvaluationResult, RolloutTask, create_env_app, tool_agent
+from env_sdk import Agent, EvaluationResult, RolloutTask, create_env_app, tool_agent
 from reference_envs.sql_tools.dataset import question
 from reference_envs.sql_tools.evaluator import grade
 from reference_envs.sql_tools.tools import SUBMIT, make_tools
@@ -30,11 +31,15 @@ def score(task: RolloutTask, messages: list[dict[str, Any]]) -> EvaluationResult
     return grade(messages, question(meta["seed"], meta["task_id"]).answer)
 
 
+def build_agent(*, max_turns: int = 8) -> Agent:
+    return tool_agent(make_tools, evaluator=score, max_turns=max_turns, stop_tools=[SUBMIT],
+                      system_prompt=SYSTEM_PROMPT)
+
+
 def create_app(*, max_turns: int = 8, **server_options: Any) -> FastAPI:
     """The app; `server_options` go to `create_env_app` (max_concurrency, deadline_s, token)."""
-    agent = tool_agent(make_tools, evaluator=score, max_turns=max_turns, stop_tools=[SUBMIT],
-                       system_prompt=SYSTEM_PROMPT)
-    return create_env_app(agent, name="sql_tools", **server_options)
+    return create_env_app(build_agent(max_turns=max_turns), name="sql_tools", **server_options)
 
 
+agent = build_agent()
 app = create_app()
