@@ -65,3 +65,4 @@ __all__ = [
     "function_tool_spec",
     "tool_agent",
 ]
+from env_sdk.graders import Grader, GraderConfigError, GraderError, JsonSchemaMatch, LLMJudge, NumericMatch, PythonGrader, RegexMatch, StringMatch, TextSimilarity, WeightedGrader  # noqa: E402,F401
