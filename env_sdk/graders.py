@@ -13,6 +13,7 @@ of the rollout, not a zero.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import difflib
 import json
@@ -330,8 +331,6 @@ class PythonGrader(Grader):
 
     def __init__(self, code: str, *, function: str = "grade", limits: SandboxLimits | None = None,
                  isolation: Isolation = "auto") -> None:
-        import ast
-
         if not isinstance(code, str) or not code.strip():
             raise GraderConfigError("PythonGrader code must be non-empty python source")
         try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,11 @@ def test_bad_limits_and_unavailable_isolation_are_clear() -> None:
             run_python("pass", isolation="bwrap")
     with pytest.raises(ValueError, match="leaves the work folder"):
         run_python("pass", files={"../evil.py": ""})
+
+
+@pytest.mark.skipif(os.getuid() != 0 or ISOLATION != "bwrap" or all(
+    os.stat(p).st_mode & 0o001 for p in Path(sys.executable).resolve().parents),
+    reason="only where root's interpreter sits in a folder closed to other users (e.g. pyenv under /root)")
+def test_root_without_bwrap_refuses_rather_than_running_without_a_process_limit() -> None:
+    with pytest.raises(SandboxUnavailable, match="no process limit"):
+        run_python("pass", isolation="unshare")
