@@ -1,0 +1,277 @@
+"""Protocol throughput: full rollout lifecycles per second against a no-op agent.
+
+    python bench/protocol.py                      # 1, 64, 1024 in flight; openrft vs a bare FastAPI app
+    python bench/protocol.py --duration 3 --inflight 64 --stack fast
+
+A lifecycle is: POST /init, then status until terminal. Modes:
+  poll   each rollout waits on its own `GET /status` (long-poll `wait_s`; the bare app answers at once)
+  batch  one collector long-polls `POST /status/batch` for every rollout in flight (openrft only)
+
+The server runs in its own process (uvicorn, one worker), pinned to a different core than this
+client where the machine has two; both processes' CPU use is reported, since at high concurrency
+the client saturates first. The "bare" server is the floor: FastAPI validating the same
+InitRequest and answering /init and /status from a dict, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from env_sdk import EnvClient, InitRequest, RolloutMetadata  # noqa: E402
+
+# --- servers --------------------------------------------------------------------------------
+
+
+def openrft_app() -> Any:
+    from env_sdk import create_env_app
+
+    async def noop(task: Any, client: Any) -> float:
+        return 1.0
+
+    return create_env_app(noop, max_concurrency=100_000, result_ttl_s=60.0, name="bench-noop")
+
+
+def bare_app() -> Any:
+    """The floor: same body validation, answers from a dict, no rollout machinery."""
+    from fastapi import FastAPI, Response
+
+    app = FastAPI()
+    done: dict[str, bytes] = {}
+    body = b'{"terminated":true,"status":{"code":100,"message":"Rollout finished","details":[]},"info":{},"reward":1.0}'
+
+    @app.post("/init", status_code=202)
+    async def init(req: InitRequest) -> Response:
+        rid = req.metadata.rollout_id
+        done[rid] = body
+        return Response(b'{"status":"accepted","rollout_id":"' + rid.encode() + b'"}', status_code=202,
+                        media_type="application/json")
+
+    @app.get("/status")
+    async def status(rollout_id: str) -> Response:
+        if rollout_id not in done:
+            return Response(b'{"detail":"unknown"}', status_code=404, media_type="application/json")
+        return Response(done[rollout_id], media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "protocol_version": "1", "capacity": 1, "in_flight": 0, "available": 1}
+
+    return app
+
+
+STACKS = {"plain": ("h11", "asyncio"), "fast": ("httptools", "uvloop")}
+
+
+def serve(kind: str, port: int, stack: str) -> None:
+    import uvicorn
+
+    http, loop = STACKS[stack]
+    app = openrft_app() if kind == "openrft" else bare_app()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, http=http, loop=loop)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {core})
+
+
+def start_server(kind: str, stack: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port), "--stack", stack],
+                            preexec_fn=lambda: _pin(1))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{kind} server did not start")
+        time.sleep(0.1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+# --- client ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    server: str
+    mode: str
+    inflight: int
+    done: int = 0
+    wall: float = 0.0
+    init_ms: list[float] = field(default_factory=list)
+    life_ms: list[float] = field(default_factory=list)
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.wall if self.wall else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+_ids = itertools.count()
+
+
+def make_request(rid: str) -> InitRequest:
+    md = RolloutMetadata(invocation_id="bench", experiment_id="bench", rollout_id=rid, run_id="bench", row_id="0")
+    return InitRequest(metadata=md, messages=[{"role": "user", "content": "noop"}],
+                       completion_params={"model": "policy"})
+
+
+async def run_cell(env: EnvClient, cell: Cell, duration: float, linger_s: float, measure: bool) -> None:
+    stop_at = time.monotonic() + duration
+    prefix = f"{cell.server}-{cell.mode}-{cell.inflight}-{'m' if measure else 'w'}-"
+    pending: dict[str, asyncio.Future[float]] = {}
+    new_work = asyncio.Event()
+
+    async def collector() -> None:
+        while time.monotonic() < stop_at or pending:
+            if not pending:
+                new_work.clear()
+                try:
+                    await asyncio.wait_for(new_work.wait(), max(0.0, stop_at - time.monotonic()))
+                except TimeoutError:
+                    continue
+            got = await env.wait_many(list(pending), timeout_s=2.0, linger_s=linger_s)
+            now = time.perf_counter()
+            for rid in got:
+                fut = pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(now)
+
+    async def worker() -> None:
+        while time.monotonic() < stop_at:
+            rid = f"{prefix}{next(_ids)}"
+            t0 = time.perf_counter()
+            await env.init(make_request(rid))
+            t1 = time.perf_counter()
+            if cell.mode == "batch":
+                fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                pending[rid] = fut
+                new_work.set()
+                t2 = await fut
+            else:
+                st = await env.status(rid, wait_s=5.0)
+                while not st.terminated:
+                    st = await env.status(rid, wait_s=5.0)
+                t2 = time.perf_counter()
+            if measure:
+                cell.done += 1
+                cell.init_ms.append((t1 - t0) * 1000)
+                cell.life_ms.append((t2 - t0) * 1000)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(cell.inflight)]
+    if cell.mode == "batch":
+        tasks.append(asyncio.create_task(collector()))
+    await asyncio.gather(*tasks)
+
+
+async def measure(server: str, url: str, pid: int, modes: list[str], levels: list[int], duration: float,
+                  linger_s: float) -> list[Cell]:
+    cells = []
+    async with EnvClient(url, max_connections=256, timeout=60) as env:
+        for mode in modes:
+            for n in levels:
+                cell = Cell(server, mode, n)
+                await run_cell(env, cell, min(1.0, duration / 4), linger_s, measure=False)  # warm-up
+                c0, s0, t0 = time.process_time(), cpu_seconds(pid), time.perf_counter()
+                await run_cell(env, cell, duration, linger_s, measure=True)
+                cell.wall = time.perf_counter() - t0
+                cell.client_cpu = (time.process_time() - c0) / cell.wall
+                cell.server_cpu = (cpu_seconds(pid) - s0) / cell.wall
+                cells.append(cell)
+                print(f"  {server:8s} {mode:5s} {n:5d} in flight: {cell.rate:8.0f} lifecycles/s", flush=True)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64, 1024])
+    p.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
+    p.add_argument("--stack", choices=sorted(STACKS), default="plain",
+                   help="server's uvicorn stack: plain = h11 + asyncio, fast = httptools + uvloop")
+    p.add_argument("--linger", type=float, default=0.01, help="linger_s of the batch mode's long-polls")
+    p.add_argument("--serve", choices=["openrft", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.stack)
+        return 0
+
+    _pin(0)
+    cells: list[Cell] = []
+    for server, modes in [("openrft", ["poll", "batch"]), ("bare", ["poll"])]:
+        proc, url = start_server(server, args.stack)
+        try:
+            cells += asyncio.run(measure(server, url, proc.pid, modes, args.inflight, args.duration, args.linger))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+    http, loop = STACKS[args.stack]
+    table = Table(title=f"protocol lifecycles, no-op agent (server: uvicorn {http}+{loop}, 1 worker; "
+                        f"{os.cpu_count()} cores; {args.duration:g}s per row)")
+    for col in ["server", "mode", "in flight", "lifecycles/s", "init p50 ms", "init p99 ms", "life p50 ms",
+                "life p99 ms", "client CPU", "server CPU"]:
+        table.add_column(col, justify="left" if col in ("server", "mode") else "right")
+    for c in cells:
+        table.add_row(c.server, c.mode, str(c.inflight), f"{c.rate:.0f}", f"{pct(c.init_ms, 0.5):.2f}",
+                      f"{pct(c.init_ms, 0.99):.2f}", f"{pct(c.life_ms, 0.5):.2f}", f"{pct(c.life_ms, 0.99):.2f}",
+                      f"{c.client_cpu:.0%}", f"{c.server_cpu:.0%}")
+    console = Console()
+    console.print(table)
+    by = {(c.server, c.mode, c.inflight): c for c in cells}
+    for n in args.inflight:
+        o, b, ob = by[("openrft", "poll", n)], by[("bare", "poll", n)], by[("openrft", "batch", n)]
+        console.print(f"in flight {n:5d}: openrft/bare (poll) = {o.rate / b.rate:.2f}   "
+                      f"openrft batch/bare poll = {ob.rate / b.rate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
