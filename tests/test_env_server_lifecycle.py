@@ -156,7 +156,7 @@ async def test_deadline_cancels_the_agent() -> None:
             elapsed = time.monotonic() - t0
     assert st.status is not None and st.status.code == StatusCode.DEADLINE_EXCEEDED
     assert "0.3s" in st.status.message
-    assert cancelled.is_set() and 0.25 < elapsed < 2.0
+    assert cancelled.is_set() and 0.25 < elapsed < 5.0
 
 
 async def test_agent_raising_its_own_timeout_is_a_crash_not_a_deadline() -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +19,8 @@ ENDPOINT_MODELS = ["InitRequest", "InitResponse", "StatusResponse", "StatusBatch
                    "CancelResponse", "Health", "VersionResponse", "ErrorResponse"]
 
 
-def test_checked_in_schemas_are_fresh() -> None:
-    res = subprocess.run([sys.executable, "-m", "env_sdk.schema", "--check"], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
+def test_checked_in_schemas_are_fresh(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check"]) == 0, capsys.readouterr().err
 
 
 def test_check_fails_on_stale_missing_or_orphan_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -294,10 +294,11 @@ async def test_hot_load_changes_outputs_and_unloads(vllm_server: VLLMServer, vll
     async with httpx.AsyncClient() as client:
         served = {m["id"] for m in (await client.get(f"{vllm_server.url}/v1/models")).json()["data"]}
     assert backend.adapter_name in served and first not in served
-    with pytest.raises(VLLMError, match="weight sync failed.*answered 404"):
-        await backend.weights_updated(adapter_dir(tmp_path / "empty"))  # config but no weights
+    with pytest.raises(VLLMError, match="weight sync failed.*answered 500: .*Missing required configuration fields"):
+        await backend.weights_updated(adapter_dir(tmp_path / "empty"))  # an empty adapter_config.json
     with pytest.raises(VLLMError, match="refuses to generate"):
         await backend.generate(PROMPT, params)
+    assert (await VLLMBackend([vllm_server.url]).generate(PROMPT, params)).token_ids  # the server itself lives on
 
 
 class KillSwitch:
@@ -313,7 +314,7 @@ async def vowel_agent(task: RolloutTask, client: openai.AsyncOpenAI) -> AgentRes
     KillSwitch.calls += 1
     if KillSwitch.server is not None and KillSwitch.calls == KillSwitch.at_call:
         KillSwitch.server.kill()
-    reply = await client.chat.completions.create(messages=task.messages, max_retries=0, **task.completion_kwargs())
+    reply = await client.with_options(max_retries=0).chat.completions.create(messages=task.messages, **task.completion_kwargs())
     text = reply.choices[0].message.content or ""
     return AgentResult(reward=sum(c in "aeiou" for c in text) / max(1, len(text)),
                        messages=[*task.messages, {"role": "assistant", "content": text}])
