@@ -51,6 +51,8 @@ RETRYABLE_CODES = frozenset(
 )
 #: How long an env that refused connections is skipped by the router.
 DOWN_FOR_S = 10.0
+#: How long an env that stayed at capacity (429/503) or failed (5xx) is skipped.
+BUSY_FOR_S = 2.0
 #: Debounce before a waiter sends a long-poll, so a burst of new rollouts shares one request.
 POLL_DEBOUNCE_S = 0.005
 
@@ -190,19 +192,21 @@ class EnvPool:
             raise EnvsUnreachable("no env server answers GET /health:\n  " + "\n  ".join(problems))
         return problems
 
-    def pick(self) -> EnvSlot:
-        up = [s for s in self.slots if s.up]
+    def pick(self, avoid: EnvSlot | None = None) -> EnvSlot:
+        """The env for the next attempt: up ones only (any, if all are down), `avoid` (where the
+        previous attempt failed) only if no other is up; least loaded or round robin among them."""
+        up = [s for s in self.slots if s.up and s is not avoid] or [s for s in self.slots if s.up]
         if not up:  # all down: try the one that has been down longest
             return min(self.slots, key=lambda s: s.down_until)
         if self.routing == "round_robin":
             for _ in range(len(self.slots)):
                 slot = self.slots[next(self._rr)]
-                if slot.up:
+                if slot in up:
                     return slot
         return min(up, key=lambda s: s.in_flight)
 
-    def mark_down(self, slot: EnvSlot) -> None:
-        slot.down_until = time.monotonic() + DOWN_FOR_S
+    def mark_down(self, slot: EnvSlot, seconds: float = DOWN_FOR_S) -> None:
+        slot.down_until = max(slot.down_until, time.monotonic() + seconds)
 
     # --- waiting ----------------------------------------------------------------------------
 
@@ -402,9 +406,10 @@ class RolloutScheduler:
     async def run_rollout(self, task: Task, *, task_index: int, group: int, rollout_id: str) -> RolloutResult:
         """One rollout to its end, with bounded retries of retryable failures."""
         last: _Attempt | None = None
+        slot: EnvSlot | None = None
         for attempt in range(self.max_retries + 1):
             rid = rollout_id if attempt == 0 else f"{rollout_id}.{attempt}"
-            slot = self.pool.pick()
+            slot = self.pool.pick(avoid=slot)
             try:
                 async with self.semaphore:
                     result = await self._attempt(task, rid, slot, task_index=task_index, group=group)
@@ -412,11 +417,11 @@ class RolloutScheduler:
                 return result
             except _Attempt as failed:
                 last = failed
-                if not failed.retry:
+                if not failed.retry or attempt == self.max_retries:
                     break
                 self.retries += 1
                 logger.info("rollout %s on %s failed (%s), retrying", rid, slot.url, failed.status.message)
-        assert last is not None
+        assert last is not None and slot is not None
         return RolloutResult(rid, group, task_index, last.status, env_url=slot.url, attempts=attempt + 1)
 
     def _metadata(self, rid: str, task_index: int) -> RolloutMetadata:
@@ -471,6 +476,8 @@ class RolloutScheduler:
                 except EnvError as exc:
                     if isinstance(exc, EnvUnreachableError):
                         self.pool.mark_down(slot)
+                    elif isinstance(exc, (CapacityError, ServerError)):
+                        self.pool.mark_down(slot, BUSY_FOR_S)
                     raise _Attempt(*_error_status(exc)) from None
                 return await self._wait(slot, rid)
         except TimeoutError:
