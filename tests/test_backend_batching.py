@@ -55,6 +55,30 @@ async def test_concurrent_batched_greedy_matches_one_at_a_time(loaded) -> None: 
     backend.close()
 
 
+async def test_late_requests_join_the_running_batch(loaded) -> None:  # type: ignore[no-untyped-def]
+    """Continuous batching: requests arriving mid-decode join it (their cache left-padded into
+    the running one), rows leave as they finish, and every result equals decoding it alone."""
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.0)
+    prompts = _prompts(tokenizer, 6)
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0) for n in (40, 3, 25, 8, 30, 5)]
+    singles = [await backend.generate(p, g) for p, g in zip(prompts, greedy)]
+    start, joined = backend.stats.batches, backend.stats.joined
+    long = asyncio.ensure_future(backend.generate(prompts[0], greedy[0]))
+    calls = backend.stats.forward_calls
+    while backend.stats.forward_calls < calls + 5:  # the first request is decoding
+        await asyncio.sleep(0.001)
+    late = [asyncio.ensure_future(backend.generate(p, g)) for p, g in zip(prompts[1:], greedy[1:])]
+    short = await late[0]  # 3 tokens: back while the long row still runs
+    assert not long.done()
+    results = [await long, short, *[await f for f in late[1:]]]
+    assert backend.stats.batches == start + 1 and backend.stats.joined == joined + 5
+    for got, alone in zip(results, singles):
+        assert got.token_ids == alone.token_ids and got.finish_reason == alone.finish_reason
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
+    backend.close()
+
+
 async def test_logprobs_match_a_full_forward_pass(loaded) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = loaded
     backend = TransformersBackend(model, tokenizer)
@@ -117,7 +141,8 @@ async def test_serves_the_live_peft_model_and_restores_train_mode(loaded) -> Non
     prompt = _prompts(tokenizer, 1)[0]
     greedy = SamplingParams(max_tokens=10, temperature=0)
     before = await backend.generate(prompt, greedy)
-    assert peft_model.training  # back in train mode after generating
+    with backend.lock:  # results go out as rows finish; the batch restores train mode under the lock
+        assert peft_model.training
     again = await backend.generate(prompt, greedy)
     assert again.token_ids == before.token_ids  # dropout was off while generating
     with torch.no_grad():  # an "optimizer step" on the live object, no reload, no copy

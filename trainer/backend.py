@@ -2,10 +2,13 @@
 
 `TransformersBackend` serves the live model object the learner trains (a `PeftModel` or a
 plain transformers model, no copy of the weights). Concurrent `generate` calls arriving
-within a short collection window are run as one batch: left padding, a KV cache, and our
-own decode loop (model forward + `past_key_values`), which gives the raw logits of every
-step and lets each row stop on its own. The torch work runs on one worker thread, so the
-asyncio loop serving HTTP is never blocked, and one batch runs at a time.
+within a short collection window start one batch: left padding, a KV cache, and our own
+decode loop (model forward + `past_key_values`), which gives the raw logits of every step
+and lets each row stop on its own. The batching is continuous: a row's caller gets its
+result the step it finishes, and requests arriving while a batch decodes join it at the
+next step (up to `max_batch_size` rows), so multi-turn rollouts whose calls arrive at
+different times still share forward passes. The torch work runs on one worker thread, so
+the asyncio loop serving HTTP is never blocked.
 
 Recorded logprobs: the logprob of each sampled token is `log_softmax(logits)` of the raw
 logits, at temperature 1, with no top-p renormalisation, whatever the sampling temperature
@@ -74,6 +77,7 @@ class BackendStats:
     batches: int = 0
     forward_calls: int = 0
     rows: int = 0
+    joined: int = 0  # rows that joined a batch already decoding
     generated_tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -98,8 +102,11 @@ def _resolve(future: asyncio.Future[Generation], result: Generation | BaseExcept
 class TransformersBackend:
     """Batched generation with a live transformers/peft model on its own device (CPU or CUDA).
 
-    `lock` is held while a batch runs; a learner sharing the model object can hold it while
-    it changes weights, so that no batch sees half an update."""
+    `lock` is held while a batch runs (the model is in eval mode then, its training mode is
+    restored before the lock is released); a learner sharing the model object holds it while
+    it changes weights, so that no batch sees half an update. A steady stream of requests
+    keeps a batch (and the lock) busy: synchronous training, where rollouts end before the
+    update, never waits on it for long."""
 
     def __init__(
         self,
@@ -128,6 +135,7 @@ class TransformersBackend:
         self._rng: torch.Generator | None = None
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self._start_lock = threading.Lock()
 
     # --- public API -------------------------------------------------------------------------
@@ -150,142 +158,252 @@ class TransformersBackend:
         """Nothing to do: the backend generates with the very object the learner updates."""
 
     def close(self) -> None:
-        """Stop the worker thread (after the batch in progress)."""
+        """Stop the worker thread (after the batch in progress); requests still queued fail."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=60)
             self._thread = None
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                _Decoder._send(request, RuntimeError("the generation backend was closed"))
 
     # --- worker thread ----------------------------------------------------------------------
 
     def _ensure_worker(self) -> None:
         with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
                 self._thread = threading.Thread(target=self._worker, name="openrft-generate", daemon=True)
                 self._thread.start()
 
-    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
-        """Gather requests arriving within the window after `first`; also say if asked to stop."""
-        batch = [first]
-        deadline = time.monotonic() + self.collect_window_s
-        while len(batch) < self.max_batch_size:
-            timeout = deadline - time.monotonic()
+    def _take(self, limit: int, timeout: float | None) -> list[_Request]:
+        """Up to `limit` queued requests: wait at most `timeout` s for each (None: don't wait)."""
+        taken: list[_Request] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(taken) < limit and not self._stopping:
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                wait = None if deadline is None else deadline - time.monotonic()
+                item = self._queue.get(timeout=wait) if wait is not None and wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                self._stopping = True
+            elif not item.future.done():  # not cancelled while queued
+                taken.append(item)
+        return taken
 
     def _worker(self) -> None:
-        stop = False
-        while not stop:
+        while not self._stopping:
             first = self._queue.get()
             if first is None:
                 return
-            batch, stop = self._collect(first)
-            batch = [r for r in batch if not r.future.done()]  # cancelled while queued
-            if not batch:
-                continue
-            try:
-                results: list[Generation | BaseException] = list(self._run_batch(batch))
-            except Exception as exc:  # surface to every caller, keep the worker alive
-                results = [exc] * len(batch)
-            for request, result in zip(batch, results):
-                try:
-                    request.loop.call_soon_threadsafe(_resolve, request.future, result)
-                except RuntimeError:  # the caller's loop is closed: nobody waits for it
-                    pass
+            batch = [first, *self._take(self.max_batch_size - 1, self.collect_window_s)]
+            batch = [r for r in batch if not r.future.done()]
+            if batch:
+                self._run_batch(batch)
 
-    def _run_batch(self, batch: list[_Request]) -> list[Generation]:
+    def _run_batch(self, batch: list[_Request]) -> None:
         import torch
 
         with self.lock, torch.inference_mode():
             was_training = self.model.training
             self.model.eval()
             try:
-                return self._decode(batch)
+                _Decoder(self, batch).run()
             finally:
                 if was_training:
                     self.model.train()
 
-    def _decode(self, batch: list[_Request]) -> list[Generation]:
+
+@dataclass
+class _Row:
+    request: _Request
+    generator: torch.Generator | None  # per-request seed: draws independent of batch mates
+    stops: frozenset[int]
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class _Decoder:
+    """One run of the decode loop. Rows leave as soon as they finish (their caller gets the
+    result at once) and queued requests join at any step (continuous batching): a joining
+    group is prefilled on its own, then its KV cache is left-padded to the running width
+    and concatenated along the batch dimension. Columns no remaining row attends to are
+    trimmed from the left."""
+
+    def __init__(self, backend: TransformersBackend, batch: list[_Request]) -> None:
         import torch
 
-        model = self.model
-        device = next(model.parameters()).device
-        if self._rng is None:
-            self._rng = torch.Generator().manual_seed(self._seed)
-        n = len(batch)
-        lengths = [len(r.prompt_ids) for r in batch]
+        self.backend = backend
+        self.model = backend.model
+        self.device = next(self.model.parameters()).device
+        if backend._rng is None:
+            backend._rng = torch.Generator().manual_seed(backend._seed)
+        self.first = batch
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, width]: 1 where a row has a token
+        self.next_pos: torch.Tensor | None = None  # [rows]: position of each row's next token
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits
+        self.temps: torch.Tensor | None = None
+        self.top_ps: torch.Tensor | None = None
+        self.can_join = False
+
+    def run(self) -> None:
+        stats = self.backend.stats
+        stats.batches += 1
+        stats.batch_sizes.append(len(self.first))
+        pending = self.first
+        try:
+            self._admit(pending)
+            while self.rows:
+                self._step()
+                if not self.rows:
+                    break
+                room = self.backend.max_batch_size - len(self.rows)
+                pending = self.backend._take(room, None) if room > 0 and self.can_join else []
+                if pending:
+                    stats.joined += len(pending)
+                    self._admit(pending)
+        except Exception as exc:  # every caller still waiting gets the error; the worker lives on
+            for request in [row.request for row in self.rows] + pending:
+                self._send(request, exc)
+
+    @staticmethod
+    def _send(request: _Request, result: Generation | BaseException) -> None:
+        try:
+            request.loop.call_soon_threadsafe(_resolve, request.future, result)
+        except RuntimeError:  # the caller's loop is closed: nobody waits for it
+            pass
+
+    def _admit(self, requests: list[_Request]) -> None:
+        """Prefill `requests` and add them to the running rows."""
+        import torch
+
+        backend, device = self.backend, self.device
+        lengths = [len(r.prompt_ids) for r in requests]
         width = max(lengths)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            input_ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids)
+        ids = torch.full((len(requests), width), backend.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids)
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-
-        params = [r.params for r in batch]
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        backend.stats.forward_calls += 1
+        backend.stats.rows += len(requests)
+        params = [r.params for r in requests]
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        generators = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
-        stops = [self.eos_token_ids | set(p.stop_token_ids) for p in params]
-        budgets = [min(p.max_tokens, self.max_positions - lengths[i]) for i, p in enumerate(params)]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        finish: list[str] = ["length"] * n
-        active = list(range(n))  # original row index of each row still in the batch
         next_pos = torch.tensor(lengths, device=device)
+        logits = out.logits[:, -1, :].float()
+        rows = [
+            _Row(
+                request=r,
+                generator=torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None,
+                stops=backend.eos_token_ids | frozenset(r.params.stop_token_ids),
+                budget=min(r.params.max_tokens, backend.max_positions - len(r.prompt_ids)),
+            )
+            for r in requests
+        ]
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos, self.logits = out.past_key_values, mask, next_pos, logits
+            self.temps, self.top_ps, self.rows = temps, top_ps, rows
+            # joining and trimming edit the cache tensors: only for plain full-attention layers
+            layers = getattr(self.cache, "layers", None)
+            self.can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+            return
+        assert self.mask is not None and self.next_pos is not None and self.logits is not None
+        assert self.temps is not None and self.top_ps is not None
+        total = max(self.mask.shape[1], width)
+        for old, new in zip(self.cache.layers, out.past_key_values.layers):
+            old.keys = torch.cat([_left_pad(old.keys, total, dim=2), _left_pad(new.keys, total, dim=2)])
+            old.values = torch.cat([_left_pad(old.values, total, dim=2), _left_pad(new.values, total, dim=2)])
+        self.mask = torch.cat([_left_pad(self.mask, total, dim=1), _left_pad(mask, total, dim=1)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.logits = torch.cat([self.logits, logits])
+        self.temps, self.top_ps = torch.cat([self.temps, temps]), torch.cat([self.top_ps, top_ps])
+        self.rows += rows
 
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        self.stats.batches += 1
-        self.stats.rows += n
-        self.stats.batch_sizes.append(n)
-        self.stats.forward_calls += 1
-        while True:
-            logits = out.logits[:, -1, :].float()
-            cache = out.past_key_values
-            uniforms = torch.tensor(
-                [float(torch.rand(1, generator=generators[i])) if generators[i] is not None else -1.0 for i in active]
-            )
-            shared = uniforms < 0
-            if shared.any():
-                uniforms[shared] = torch.rand(int(shared.sum()), generator=self._rng)
-            sampled = _sample(logits, temps, top_ps, uniforms.to(device))
-            chosen = torch.log_softmax(logits, dim=-1).gather(1, sampled[:, None])[:, 0]
-            sampled_list, chosen_list = sampled.tolist(), chosen.tolist()
-            keep: list[int] = []
-            for j, i in enumerate(active):
-                tok = sampled_list[j]
-                tokens[i].append(tok)
-                logprobs[i].append(chosen_list[j])
-                if tok in stops[i]:
-                    finish[i] = "stop"
-                elif len(tokens[i]) < budgets[i]:
-                    keep.append(j)
-            self.stats.generated_tokens += len(active)
+    def _step(self) -> None:
+        """Sample one token for every row, release finished rows, run the next forward."""
+        import torch
+
+        assert self.mask is not None and self.next_pos is not None and self.logits is not None
+        assert self.temps is not None and self.top_ps is not None
+        backend = self.backend
+        draws = [float(torch.rand(1, generator=row.generator)) if row.generator is not None else -1.0 for row in self.rows]
+        uniforms = torch.tensor(draws)
+        shared = uniforms < 0
+        if shared.any():
+            uniforms[shared] = torch.rand(int(shared.sum()), generator=backend._rng)
+        sampled = _sample(self.logits, self.temps, self.top_ps, uniforms.to(self.device))
+        chosen = torch.log_softmax(self.logits, dim=-1).gather(1, sampled[:, None])[:, 0]
+        backend.stats.generated_tokens += len(self.rows)
+        keep: list[int] = []
+        for j, (row, tok, logprob) in enumerate(zip(self.rows, sampled.tolist(), chosen.tolist())):
+            row.tokens.append(tok)
+            row.logprobs.append(logprob)
+            if tok in row.stops:
+                self._send(row.request, Generation(row.tokens, row.logprobs, "stop"))
+            elif len(row.tokens) >= row.budget:
+                self._send(row.request, Generation(row.tokens, row.logprobs, "length"))
+            elif row.request.future.done():  # the caller went away (e.g. its HTTP client disconnected)
+                pass
+            else:
+                keep.append(j)
+        if len(keep) < len(self.rows):
             if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, sampled, temps, top_ps, next_pos = (t[index] for t in (mask, sampled, temps, top_ps, next_pos))
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = model(
-                input_ids=sampled[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            next_pos = next_pos + 1
-            self.stats.forward_calls += 1
-        return [Generation(tokens[i], logprobs[i], finish[i]) for i in range(n)]
+                self.rows, self.cache = [], None
+                return
+            self._select(keep)
+            sampled = sampled[torch.tensor(keep, device=self.device)]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        out = self.model(
+            input_ids=sampled[:, None],
+            attention_mask=self.mask,
+            position_ids=self.next_pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        backend.stats.forward_calls += 1
+        self.next_pos = self.next_pos + 1
+        self.logits = out.logits[:, -1, :].float()
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`; drop leading columns none of them attends to."""
+        import torch
+
+        assert self.mask is not None and self.next_pos is not None and self.logits is not None
+        assert self.temps is not None and self.top_ps is not None
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
+        self.temps, self.top_ps = self.temps[index], self.top_ps[index]
+        self.rows = [self.rows[j] for j in keep]
+        start = int(self.mask.any(dim=0).long().argmax())
+        if start > 0 and self.can_join:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _left_pad(t: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """Zero-pad `t` on the left along `dim` to `width`."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
