@@ -213,8 +213,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides.
+    `defaults` fill top-level keys the file and overrides leave out."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -233,6 +235,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for assignment in overrides:
         apply_override(data, assignment)
         source = f"{source} (with --set)" if "--set" not in source else source
+    for key, value in (defaults or {}).items():
+        data.setdefault(key, value)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -389,15 +389,21 @@ class RolloutScheduler:
         self.experiment_id = experiment_id
         self.retries = 0
 
-    async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int) -> list[GroupResult]:
-        """Run `group_size` rollouts of each (dataset index, task); every rollout ends."""
+    async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int,
+                         on_rollout: Callable[[RolloutResult], None] | None = None) -> list[GroupResult]:
+        """Run `group_size` rollouts of each (dataset index, task); every rollout ends.
+        `on_rollout` is called as each one ends (progress display)."""
         nonce = uuid.uuid4().hex[:6]  # a rerun of a step (after --resume) must not reuse ids
-        jobs = [
-            self.run_rollout(task, task_index=index, group=g, rollout_id=f"s{step}-g{g}-r{k}-{nonce}")
-            for g, (index, task) in enumerate(tasks)
-            for k in range(group_size)
-        ]
-        results = await asyncio.gather(*jobs)
+
+        async def one(task: Task, index: int, g: int, k: int) -> RolloutResult:
+            result = await self.run_rollout(task, task_index=index, group=g, rollout_id=f"s{step}-g{g}-r{k}-{nonce}")
+            if on_rollout is not None:
+                on_rollout(result)
+            return result
+
+        results = await asyncio.gather(
+            *(one(task, index, g, k) for g, (index, task) in enumerate(tasks) for k in range(group_size))
+        )
         return [
             GroupResult(g, index, list(results[g * group_size : (g + 1) * group_size]))
             for g, (index, _) in enumerate(tasks)
