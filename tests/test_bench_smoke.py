@@ -1,0 +1,85 @@
+"""The bench scripts at a trivially small size, so that they keep running as the code moves.
+
+The openrft side always runs; a baseline side (OpenEnv, TRL) is skipped with the reason when
+its package is not installed (`pip install -e '.[bench]'`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import vs_openenv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
+
+
+OPENENV_MISSING = _missing("openenv")
+
+
+@pytest.fixture(scope="module")
+def openenv_points() -> dict[str, vs_openenv.Point]:
+    """One short run of every server kind installed here (servers start side by side)."""
+    kinds = ["bare", "openrft"] + ([] if OPENENV_MISSING else ["openenv"])
+    points = vs_openenv.run(kinds, [1, 8], connections=4, duration_s=0.3, warmup_s=0.1, rounds=1)
+    assert [(p.kind, p.concurrency) for p in points] == [(k, c) for k in kinds for c in (1, 8)]
+    return {f"{p.kind}/{p.concurrency}": p for p in points}
+
+
+def _assert_healthy(p: vs_openenv.Point) -> None:
+    assert p.errors == 0, p.first_error
+    assert p.episodes >= p.concurrency  # the window lasts until every session finished one
+    assert p.server_cpu_s > 0 and p.eps_per_core > 0
+    assert 0 < p.pct_ms(50) <= p.pct_ms(99)
+
+
+def test_vs_openenv_openrft_and_bare_complete_rollouts(openenv_points: dict[str, vs_openenv.Point]) -> None:
+    for key in ("bare/1", "bare/8", "openrft/1", "openrft/8"):
+        p = openenv_points[key]
+        _assert_healthy(p)
+        assert p.requests >= 2 * p.episodes  # init + at least one status each
+    line = vs_openenv.ratio_line(list(openenv_points.values()))
+    assert line.startswith("RATIOS") and "openrft/bare c1=" in line and "c8=" in line
+
+
+@pytest.mark.skipif(OPENENV_MISSING, reason="openenv-core not installed: pip install -e '.[bench]'")
+def test_vs_openenv_openenv_echo_episodes(openenv_points: dict[str, vs_openenv.Point]) -> None:
+    for key in ("openenv/1", "openenv/8"):
+        p = openenv_points[key]
+        _assert_healthy(p)
+        assert p.requests == 2 * p.episodes  # reset + step
+    assert "openrft/openenv c1=" in vs_openenv.ratio_line(list(openenv_points.values()))
+
+
+def test_vs_openenv_cli_reports_a_missing_baseline(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "openenv.core.env_server.http_server", None)  # import fails
+    assert vs_openenv.baseline_missing("openenv") is not None
+    assert vs_openenv.main(["--kinds", "openenv"]) == 2
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_gpu_script_smoke_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch", reason="bench/gpu.py needs torch: pip install -e '.[train]'")
+    from bench import gpu
+
+    threads = torch.get_num_threads()
+    try:
+        assert gpu.main(["--smoke"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --smoke pins one thread; leave the process as it was
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), out
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert float(fields["gen_tok_s"]) > 0 and float(fields["learn_tok_s"]) > 0
+    assert fields["mfu"] == "n/a"  # no peak known for a CPU
+    assert "generation" in out and "learner" in out and "LoRA r4" in out
