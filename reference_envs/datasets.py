@@ -62,7 +62,7 @@ def generate(name: str, *, split: str, seed: int, n: int, kind: str | None = Non
 def default_path(name: str, split: str) -> Path:
     """The small dataset shipped with env `name` (written by `python -m reference_envs.datasets`)."""
     check_split(split)
-    return Path(__file__).parent / name / "data" / f"{split}.jsonl"
+    return Path(__file__).parent / name / f"{split}.jsonl"
 
 
 #: What the shipped default files hold: (seed, rows) per split.
