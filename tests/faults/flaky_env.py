@@ -17,11 +17,12 @@ Faults (KIND):
   init_500        /init answers 500 and starts nothing
   lost_reply      /init starts the rollout, then answers 500 (the client repeats the same /init)
   status_500      /status/batch answers 500 while it lists a matching rollout
-  malformed       a /status/batch answer holding a matching rollout is cut short (not JSON)
-  spec            a matching rollout's terminal status violates the spec's types
+  malformed       a /status/batch or /status answer holding a matching terminal rollout is cut
+                  short (not JSON)
+  spec            a matching rollout's terminal status violates the spec's types (batch and single)
   bad_rewards     a matching rollout reports a bad reward, by its index k in its group
                   (rollout ids `s<step>-g<group>-r<k>-...`): k=0 NaN, 1 1.5, 2 -0.25, 3 none, 4 "high";
-                  k >= 5 report their true reward
+                  k >= 5 report their true reward (in /status/batch and /status answers)
   cross           the agent first calls the gateway as other rollouts (their URL with its own key,
                   its URL with their key, a closed rollout), and pushes a FINISHED /logs record
                   naming another rollout; then makes its own call
@@ -37,6 +38,7 @@ import re
 import time
 from collections import defaultdict
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import openai
@@ -146,10 +148,9 @@ def _replay(body: bytes) -> Any:
     return receive
 
 
-async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+async def _send_json(send: Any, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -170,6 +171,10 @@ class FaultLayer:
             return
         if path == "/status/batch" and scope["method"] == "POST":
             await self._batch(scope, await _read_body(receive), send)
+            return
+        if path == "/status" and scope["method"] == "GET":
+            rid = parse_qs(scope.get("query_string", b"").decode()).get("rollout_id", [""])[0]
+            await self._rewritten(scope, receive, send, lambda out: self._rewrite_one(rid, out))
             return
         await self.app(scope, receive, send)
 
@@ -221,6 +226,10 @@ class FaultLayer:
         if any(f.take("status_500", rid) for rid in ids):
             await _send_json(send, 500, b'{"detail": "injected: internal error"}')
             return
+        await self._rewritten(scope, _replay(body), send, self._rewrite_batch)
+
+    async def _rewritten(self, scope: dict[str, Any], receive: Any, send: Any, rewrite: Any) -> None:
+        """Run the request, then send `rewrite(body)` instead of a 200 answer's body."""
         start: dict[str, Any] = {}
         chunks: list[bytes] = []
 
@@ -230,31 +239,43 @@ class FaultLayer:
             else:
                 chunks.append(message.get("body", b""))
 
-        await self.app(scope, _replay(body), capture)
+        await self.app(scope, receive, capture)
         out = b"".join(chunks)
         if start.get("status") == 200:
-            out = self._rewrite(out)
+            out = rewrite(out)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
 
-    def _rewrite(self, out: bytes) -> bytes:
-        f = self.faults
+    def _rewrite_batch(self, out: bytes) -> bytes:
         answer = json.loads(out)
-        statuses: dict[str, Any] = answer["statuses"]
-        for rid, st in statuses.items():
-            if f.take("malformed", rid):
+        for rid, st in answer["statuses"].items():
+            if self.faults.take("malformed", rid):
                 return out[: len(out) // 2]
-            if f.take("spec", rid):
-                statuses[rid] = {"terminated": "soon", "status": {"code": "done"}, "reward": [1]}
-            elif f.kind == "bad_rewards" and (m := _INDEX.search(rid)) and int(m.group(1)) in BAD_REWARDS:
-                if f.take("bad_rewards", rid):
-                    bad = BAD_REWARDS[int(m.group(1))]
-                    if bad is None:
-                        st.pop("reward", None)
-                    else:
-                        st["reward"] = math.nan if bad == "NaN" else bad
+            answer["statuses"][rid] = self._entry(rid, st)
         return json.dumps(answer).encode()  # NaN is written as the bare token NaN, as many servers do
+
+    def _rewrite_one(self, rid: str, out: bytes) -> bytes:
+        st = json.loads(out)
+        if not st.get("terminated"):
+            return out
+        if self.faults.take("malformed", rid):
+            return out[: len(out) // 2]
+        return json.dumps(self._entry(rid, st)).encode()
+
+    def _entry(self, rid: str, st: dict[str, Any]) -> dict[str, Any]:
+        """A terminal status as the fault has it."""
+        f = self.faults
+        if f.take("spec", rid):
+            return {"terminated": "soon", "status": {"code": "done"}, "reward": [1]}
+        if f.kind == "bad_rewards" and (m := _INDEX.search(rid)) and int(m.group(1)) in BAD_REWARDS:
+            if f.take("bad_rewards", rid):
+                bad = BAD_REWARDS[int(m.group(1))]
+                if bad is None:
+                    st.pop("reward", None)
+                else:
+                    st["reward"] = math.nan if bad == "NaN" else bad
+        return st
 
 
 def build_app(args: argparse.Namespace) -> Any:

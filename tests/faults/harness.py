@@ -167,8 +167,10 @@ class Run:
         return [r for m in self.metrics for r in self.dump(m["step"])]
 
     def failures(self) -> Counter[str]:
-        return Counter({k.removeprefix("failures/"): int(v) for m in self.metrics for k, v in m.items()
-                        if k.startswith("failures/")})
+        total: Counter[str] = Counter()
+        for m in self.metrics:
+            total.update({k.removeprefix("failures/"): int(v) for k, v in m.items() if k.startswith("failures/")})
+        return total
 
 
 class _Capture:
