@@ -242,6 +242,13 @@ class EnvPool:
         w = slot.waiter
         try:
             found = await slot.client.wait_many(ids, timeout_s=self.poll_s)
+        except (EnvProtocolError, ServerError):
+            # The env is up but this answer is unusable (garbled, a 5xx, or one rollout's status
+            # breaks the schema): ask for each rollout alone, so only a rollout whose own status is
+            # bad fails, and finished rollouts are not thrown away with the batch.
+            found = await self._poll_each(slot, ids)
+            if not found:  # no long-poll held this one: do not spin against a broken batch endpoint
+                await asyncio.sleep(min(self.poll_s, 1.0))
         except (EnvError, OSError) as exc:
             for rid in ids:
                 fut = w.pending.pop(rid, None)
@@ -256,6 +263,23 @@ class EnvPool:
         if rest:
             w.unpolled.update(rest)
             w.wake.set()
+
+    async def _poll_each(self, slot: EnvSlot, ids: list[str]) -> dict[str, StatusResponse]:
+        """GET /status per rollout (no long-poll); a rollout whose own answer fails gets the error."""
+        w = slot.waiter
+
+        async def one(rid: str) -> tuple[str, StatusResponse | None]:
+            try:
+                st = await slot.client.status(rid)
+            except (EnvError, OSError) as exc:
+                fut = w.pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc if isinstance(exc, EnvError) else EnvUnreachableError(str(exc)))
+                return rid, None
+            return rid, st if st.terminated else None
+
+        answers = await asyncio.gather(*(one(rid) for rid in ids))
+        return {rid: st for rid, st in answers if st is not None}
 
     async def aclose(self) -> None:
         for slot in self.slots:
@@ -505,8 +529,11 @@ class RolloutScheduler:
             if polled is not None and polled in done:
                 try:
                     return polled.result()
-                except EnvError as exc:
-                    self.pool.mark_down(slot)
+                except EnvError as exc:  # one rollout's bad status or a 404 says nothing of the env's health
+                    if isinstance(exc, EnvUnreachableError):
+                        self.pool.mark_down(slot)
+                    elif isinstance(exc, (CapacityError, ServerError)):
+                        self.pool.mark_down(slot, BUSY_FOR_S)
                     await self._cancel(slot, rid)
                     status, retry = _error_status(exc)
                     raise _Attempt(Status.error(StatusCode(status.code), f"while waiting: {status.message}"),
