@@ -20,7 +20,7 @@ from tests.ref_envs_util import assert_conformant, env_and_model, healthy, rollo
 ISOLATION = available_isolation()
 ROW = next(r for r in generate("code", split="train", seed=0, n=40) if r["ground_truth"]["function"] == "digit_sum")
 CORRECT = "def digit_sum(n):\n    return sum(int(d) for d in str(n))\n"
-LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=256, max_processes=16)
+LIMITS = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256, max_processes=16)
 
 
 def submit(code: str):

@@ -150,3 +150,11 @@ def test_dataset_deterministic_and_split_by_database() -> None:
 
 async def test_conformance_passes() -> None:
     await assert_conformant(create_app(), NUMERIC)
+
+
+async def test_task_without_a_database_seed_fails_with_a_clear_status() -> None:
+    row = {**NUMERIC, "metadata": {"task_id": NUMERIC["metadata"]["task_id"]}}
+    with env_and_model(create_app(), lambda m, t: "hi") as (env_url, model_url, model_app):
+        status = await rollout(env_url, model_url, row)
+        assert not status.status.ok and "task_metadata.seed must be an integer" in status.status.message
+        assert not model_app.state.requests
