@@ -133,12 +133,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(kind: str, port: int, workers: int, http: str) -> None:
-    """Run one server kind under uvicorn (called in the server subprocess)."""
+def serve(factory: str, port: int, workers: int, http: str) -> None:
+    """Run the app that `factory` ("module:function") builds under uvicorn (in the server subprocess)."""
     import uvicorn
 
     uvicorn.run(
-        f"bench.vs_openenv:{kind}_app",
+        factory,
         factory=True,
         host="127.0.0.1",
         port=port,
@@ -150,14 +150,16 @@ def serve(kind: str, port: int, workers: int, http: str) -> None:
 
 
 class ServerProcess:
-    """One server kind in its own `python` subprocess; knows the CPU time its processes used."""
+    """One server kind in its own `python` subprocess; knows the CPU time its processes used.
+    The app comes from `factory` ("module:function"), by default this module's `<kind>_app`."""
 
-    def __init__(self, kind: str, *, workers: int, http: str, log_dir: Path) -> None:
+    def __init__(self, kind: str, *, workers: int, http: str, log_dir: Path, factory: str | None = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{kind}.log"
-        code = f"from bench.vs_openenv import serve; serve({kind!r}, {self.port}, {workers}, {http!r})"
+        factory = factory or f"bench.vs_openenv:{kind}_app"
+        code = f"from bench.vs_openenv import serve; serve({factory!r}, {self.port}, {workers}, {http!r})"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         env.setdefault("ENABLE_WEB_INTERFACE", "false")  # OpenEnv: plain FastAPI app, no Gradio UI
         with open(self.log_path, "wb") as log:
