@@ -1,14 +1,15 @@
 """A controllable protocol-v1 env server for fault injection, run by the tests as a real process:
 
     python -m tests.faults.flaky_env --port P [--fault KIND] [--match REGEX] [--times N]
-                                     [--delay S] [--capacity N] [--token T]
+                                     [--per-rollout N] [--delay S] [--capacity N] [--token T]
 
 It is `env_sdk.create_env_app` with a one-call agent (reward = the fraction of vowels in the
 model's reply, so the rollouts of a group rarely tie), behind an ASGI layer that injects one kind of
 fault into what concerns the rollouts whose id matches --match (all by default), for the first
---times such occasions (all by default). `GET /_events` (never faulted, no token) reports what the
-server saw and did, per rollout id: /init requests and their answers, agent starts, faults injected,
-and what the gateway answered to the `cross` agent's foreign calls.
+--times such occasions (all by default), at most --per-rollout times for one rollout id.
+`GET /_events` (never faulted, no token) reports what the server saw and did, per rollout id: /init
+requests and their answers, agent starts, faults injected, and what the gateway answered to the
+`cross` agent's foreign calls.
 
 Faults (KIND):
   none            behave (only --delay applies)
@@ -55,8 +56,9 @@ _INDEX = re.compile(r"-r(\d+)-")
 class Faults:
     """Which rollouts get the fault, how many more times, and the record of what happened."""
 
-    def __init__(self, kind: str, match: str, times: int | None, delay_s: float) -> None:
+    def __init__(self, kind: str, match: str, times: int | None, delay_s: float, per_rollout: int | None = None) -> None:
         self.kind, self.match, self.left, self.delay_s = kind, re.compile(match), times, delay_s
+        self.per_rollout = per_rollout
         self.inits: dict[str, list[tuple[float, int]]] = defaultdict(list)  # rid -> (time, answer code)
         self.starts: dict[str, int] = defaultdict(int)
         self.injected: dict[str, list[str]] = defaultdict(list)
@@ -69,6 +71,8 @@ class Faults:
     def take(self, kind: str, rid: str) -> bool:
         """Inject `kind` for this rollout now? Counts down --times."""
         if self.kind != kind or not self.matches(rid) or self.left == 0:
+            return False
+        if self.per_rollout is not None and len(self.injected[rid]) >= self.per_rollout:
             return False
         if self.left is not None:
             self.left -= 1
@@ -279,7 +283,7 @@ class FaultLayer:
 
 
 def build_app(args: argparse.Namespace) -> Any:
-    faults = Faults(args.fault, args.match, args.times, args.delay)
+    faults = Faults(args.fault, args.match, args.times, args.delay, args.per_rollout)
     app = create_env_app(make_agent(faults), max_concurrency=args.capacity, deadline_s=3600.0, token=args.token,
                          name=f"flaky-{args.fault}")
     return FaultLayer(app, faults)
@@ -291,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault", choices=FAULTS, default="none")
     parser.add_argument("--match", default="", help="regex on rollout ids that get the fault (default: all)")
     parser.add_argument("--times", type=int, default=None, help="inject this many times, then behave")
+    parser.add_argument("--per-rollout", type=int, default=None, help="inject at most this often per rollout id")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds matching agents sleep first")
     parser.add_argument("--capacity", type=int, default=256)
     parser.add_argument("--token", default=None)
