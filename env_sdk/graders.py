@@ -28,24 +28,30 @@ import jsonschema
 import openai
 
 from env_sdk.models import EvaluationResult
-from env_sdk.sandbox import Isolation, SandboxLimits, SandboxResult, run_python, run_python_async
+from env_sdk.sandbox import (
+    Isolation,
+    SandboxLimits,
+    SandboxResult,
+    run_python,
+    run_python_async,
+)
 
 __all__ = [
     "Grader",
     "GraderConfigError",
     "GraderError",
-    "StringMatch",
-    "NumericMatch",
-    "RegexMatch",
     "JsonSchemaMatch",
-    "TextSimilarity",
-    "PythonGrader",
     "LLMJudge",
+    "NumericMatch",
+    "PythonGrader",
+    "RegexMatch",
+    "StringMatch",
+    "TextSimilarity",
     "WeightedGrader",
-    "extract_number",
     "extract_json",
-    "normalize_text",
+    "extract_number",
     "final_text",
+    "normalize_text",
 ]
 
 

@@ -251,7 +251,7 @@ def _probe(kind: str) -> bool:
         else:
             return True
         try:
-            return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+            return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode == 0
         except (OSError, subprocess.SubprocessError):
             return False
 

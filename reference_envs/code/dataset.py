@@ -56,11 +56,15 @@ def _rle(s: str) -> str:
 
 
 def _max_profit(prices: list[int]) -> int:
-    best, low = 0, math.inf
-    for p in prices:
-        low = min(low, p)
-        best = max(best, p - low)
-    return int(best)
+    best = 0
+    for i, p in enumerate(prices):
+        best = max(best, p - min(prices[: i + 1]))
+    return best
+
+
+def _palindrome_or_not(rng: random.Random) -> str:
+    word = "".join(rng.choices("abc", k=rng.randint(1, 5)))
+    return word + ", " + word[::-1].upper() if rng.random() < 0.5 else word + "!x"
 
 
 def _is_prime(n: int) -> bool:
@@ -85,8 +89,7 @@ TEMPLATES: dict[str, _Template] = {
         "returns True if s reads the same backwards, ignoring case and every character that is not a letter or digit",
         "is_palindrome('A man, a plan, a canal: Panama') is True",
         lambda s: (t := [c.lower() for c in s if c.isalnum()]) == t[::-1],
-        lambda r: [(lambda w: w + ", " + w[::-1].upper() if r.random() < 0.5 else w + "!x")(
-            "".join(r.choices("abc", k=r.randint(1, 5))))]),
+        lambda r: [_palindrome_or_not(r)]),
     "fizzbuzz": _Template(
         "fizzbuzz(n: int) -> list[str]",
         "returns the FizzBuzz strings for 1..n ('Fizz' for multiples of 3, 'Buzz' of 5, 'FizzBuzz' of both, else the number)",

@@ -89,8 +89,8 @@ def _contact(rng: random.Random) -> tuple[str, dict[str, Any]]:
     status = (f"They have been a customer of ours since {rng.randint(2015, 2023)}." if customer
               else "They have not bought anything from us yet.")
     text = rng.choice([
-        f"Hi team, at the fair I met {first} {last} from {company}. Please follow up by email at {email} "
-        f"or call {phone}. {status}",
+        (f"Hi team, at the fair I met {first} {last} from {company}. Please follow up by email at {email} "
+         f"or call {phone}. {status}"),
         f"New lead: {first} {last} ({company}). Phone: {phone}. Email: {email}. {status} Met on a Tuesday.",
     ])
     return text, {"name": f"{first} {last}", "company": company, "email": email, "phone": phone,
@@ -104,10 +104,10 @@ def _order(rng: random.Random) -> tuple[str, dict[str, Any]]:
     express = rng.random() < 0.5
     shipping = "express (next day)" if express else "standard (5-7 business days)"
     text = rng.choice([
-        f"Thanks for your purchase! Order {order_id}: {qty} x {item} at ${unit:.2f} each. "
-        f"Total charged: ${total:,.2f}. Shipping method: {shipping}.",
-        f"Your order {order_id} has shipped via {shipping} delivery. It contains {qty} {item}(s); "
-        f"the amount of ${total:,.2f} was charged to your card.",
+        (f"Thanks for your purchase! Order {order_id}: {qty} x {item} at ${unit:.2f} each. "
+         f"Total charged: ${total:,.2f}. Shipping method: {shipping}."),
+        (f"Your order {order_id} has shipped via {shipping} delivery. It contains {qty} {item}(s); "
+         f"the amount of ${total:,.2f} was charged to your card."),
     ])
     return text, {"order_id": order_id, "item": item, "quantity": qty, "total_usd": total,
                   "express_shipping": express}
@@ -118,8 +118,8 @@ def _event(rng: random.Random) -> tuple[str, dict[str, Any]]:
     day = date(2025, 1, 1) + timedelta(days=rng.randrange(365))
     spoken = f"{day.strftime('%B')} {day.day}, {day.year}"
     text = rng.choice([
-        f"Save the date! The {title} takes place in {city} on {spoken}. We expect about {people} attendees, "
-        f"up from last year.",
+        (f"Save the date! The {title} takes place in {city} on {spoken}. We expect about {people} attendees, "
+         f"up from last year."),
         f"Reminder: {people} people have registered for the {title} ({city}, {spoken}). Doors open at 6 pm.",
     ])
     return text, {"title": title, "date": day.isoformat(), "city": city, "attendees": people}

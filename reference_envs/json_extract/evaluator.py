@@ -25,7 +25,7 @@ def _same(got: Any, want: Any) -> bool:
     if isinstance(want, str) and isinstance(got, str):
         if normalize_text(got) == normalize_text(want):
             return True
-        squash = lambda s: re.sub(r"[\W_]+", "", s).casefold()  # noqa: E731
+        squash = lambda s: re.sub(r"[\W_]+", "", s).casefold()
         return squash(got) == squash(want)
     return bool(got == want)
 

@@ -50,8 +50,8 @@ _TEMPLATES: dict[str, tuple[Callable[[sqlite3.Connection], list[Any]], str, str]
         lambda c: _distinct(c, "SELECT DISTINCT c.name FROM customers c JOIN orders o ON o.customer_id = c.id "
                                "ORDER BY c.name"),
         "How much has {p} spent in total (quantity times unit price over all their orders)? Round to 2 decimals.",
-        "SELECT ROUND(SUM(o.quantity * p.price), 2) FROM orders o JOIN products p ON p.id = o.product_id "
-        "JOIN customers c ON c.id = o.customer_id WHERE c.name = ?",
+        ("SELECT ROUND(SUM(o.quantity * p.price), 2) FROM orders o JOIN products p ON p.id = o.product_id "
+         "JOIN customers c ON c.id = o.customer_id WHERE c.name = ?"),
     ),
     "month_orders": (
         lambda c: [f"{m:02d}" for m in range(1, 13)],
@@ -71,8 +71,8 @@ _TEMPLATES: dict[str, tuple[Callable[[sqlite3.Connection], list[Any]], str, str]
     "best_seller": (
         lambda c: [None],
         "Which product has sold the most units in total?",
-        "SELECT p.name, SUM(o.quantity) AS units FROM orders o JOIN products p ON p.id = o.product_id "
-        "GROUP BY p.id ORDER BY units DESC LIMIT 2",
+        ("SELECT p.name, SUM(o.quantity) AS units FROM orders o JOIN products p ON p.id = o.product_id "
+         "GROUP BY p.id ORDER BY units DESC LIMIT 2"),
     ),
     "never_ordered": (
         lambda c: [None],

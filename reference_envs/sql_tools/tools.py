@@ -8,7 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 from env_sdk import RolloutTask, ToolError
-from reference_envs.sql_tools.database import MAX_ROWS, SCHEMA, open_database, run_select
+from reference_envs.sql_tools.database import (
+    MAX_ROWS,
+    SCHEMA,
+    open_database,
+    run_select,
+)
 
 SUBMIT = "submit_answer"
 
@@ -49,7 +54,7 @@ def make_tools(task: RolloutTask) -> list[Callable[..., Any]]:
             result["note"] = f"only the first {MAX_ROWS} rows are shown"
         return json.dumps(result)
 
-    def submit_answer(answer: str | int | float) -> str:
+    def submit_answer(answer: str | float) -> str:
         """Submit the final answer to the question. This ends the task.
 
         Args:
