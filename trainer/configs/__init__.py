@@ -1,0 +1,1 @@
+"""Training configs shipped with openrft (`demo.yaml`: the `openrft demo` run)."""
