@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,36 @@ def test_gpu_script_smoke_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert float(fields["gen_tok_s"]) > 0 and float(fields["learn_tok_s"]) > 0
     assert fields["mfu"] == "n/a"  # no peak known for a CPU
     assert "generation" in out and "learner" in out and "LoRA r4" in out
+
+
+@pytest.fixture(scope="module")
+def trl_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both sides of bench/vs_trl.py (TRL only where installed) on the tiny model, 2 short steps."""
+    pytest.importorskip("torch", reason="bench/vs_trl.py needs the training extra: pip install -e '.[train]'")
+    from bench import vs_trl
+
+    work = tmp_path_factory.mktemp("vs_trl")
+    model_dir, dataset = vs_trl.prepare("tiny", work, steps=2, prompts=2)
+    w = vs_trl.Workload(model_dir=model_dir, dataset=dataset, steps=2, prompts=2, group=2, max_tokens=4,
+                        lora_rank=4, micro_batch=4, threads=1)
+    sides = ["openrft"] + ([] if _missing("trl") else ["trl"])
+    results = vs_trl.run(w, sides, timeout_s=180)
+    assert [r.side for r in results] == sides
+    return {r.side: r for r in results} | {"ratio_line": vs_trl.ratio_line(results)}
+
+
+def test_vs_trl_openrft_side_trains_through_env_server_and_gateway(trl_results: dict[str, Any]) -> None:
+    ours = trl_results["openrft"]
+    assert len(ours.step_s) == 2 and all(s > 0 for s in ours.step_s)
+    assert all(t > 0 for t in ours.gen_tokens)  # the env's agent called the policy through the gateway
+    assert all(0.0 <= r <= 1.0 for r in ours.reward_mean)
+    assert ours.peak_mb > 100  # ru_maxrss of the side's own process (torch alone is more)
+
+
+@pytest.mark.skipif(_missing("trl"), reason="trl not installed: pip install -e '.[bench]'")
+def test_vs_trl_trl_side_runs_grpo_trainer(trl_results: dict[str, Any]) -> None:
+    theirs = trl_results["trl"]
+    assert len(theirs.step_s) == 2 and len(theirs.gen_tokens) == 2
+    assert all(0 < t <= 2 * 2 * 4 for t in theirs.gen_tokens)  # prompts x group x max_tokens at most
+    assert theirs.peak_mb > 100
+    assert "step_time=" in trl_results["ratio_line"] and "peak_mem=" in trl_results["ratio_line"]
