@@ -49,7 +49,8 @@ def run_dir(tmp_path: Path) -> Path:
         _rollout(4, None, ""),
     ]
     (run / "rollouts" / "step_000003.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "eval_after.json").write_text(json.dumps({"mean_reward": 0.5, "pass@1": 0.5, "tasks": 64}))
+    (run / "eval_after.json").write_text(json.dumps({"mean_reward": 0.5, "pass_at_k": {"pass@1": 0.5}, "tasks": 64}))
+    (run / "demo.json").write_text(json.dumps({"held_out_before": 0.1, "held_out_after": 0.6, "train_wall_s": 540.0}))
     return run
 
 
@@ -68,7 +69,8 @@ def test_report_is_self_contained_with_plots_and_rollouts(run_dir: Path) -> None
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; 7" in page
     assert "boom" in page  # a failed rollout counts among the worst
     # summary, failures summed over steps, evaluations and the config
-    assert "failures/env_error" in page and "mean_reward" in page and "steps: 3" in page
+    assert "failures/env_error" in page and "mean_reward" in page and "pass_at_k.pass@1" in page
+    assert "held_out_after" in page and "steps: 3" in page
 
 
 def test_best_are_highest_and_worst_lowest(run_dir: Path) -> None:

@@ -184,17 +184,26 @@ def _summary(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows += _flat(value, f"{prefix}{key}.")
+        elif _number(value) is not None or isinstance(value, str):
+            rows.append((f"{prefix}{key}", _fmt(value)))
+    return rows
+
+
 def _evaluations(run_dir: Path) -> str:
-    """Any `eval*.json` in the run directory (e.g. the demo's before/after), scalar fields only."""
+    """`demo.json` (the demo's summary) and any `eval*.json` (e.g. the demo's before/after)."""
     sections = []
-    for path in sorted(run_dir.glob("eval*.json")):
+    for path in [run_dir / "demo.json", *sorted(run_dir.glob("eval*.json"))]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError):
             continue
         if isinstance(data, dict):
-            rows = [(str(k), _fmt(v)) for k, v in data.items() if _number(v) is not None or isinstance(v, str)]
-            sections.append(f"<h3>{html.escape(path.name)}</h3>{_table(rows)}")
+            sections.append(f"<h3>{html.escape(path.name)}</h3>{_table(_flat(data))}")
     return "".join(sections)
 
 
