@@ -1,4 +1,4 @@
-"""Graders: small, configurable scorers that turn a model's output into an `EvaluationResult`.
+r"""Graders: small, configurable scorers that turn a model's output into an `EvaluationResult`.
 
 Every grader is configured once (bad configuration raises `GraderConfigError` at construction)
 and then called per output: ``grader.grade(output, expected)`` or, in an event loop,
@@ -9,6 +9,16 @@ everything they need (a regex, a JSON Schema, a rubric) ignore it or use it as a
 A grader's score is always within [0, 1]. A grader that cannot grade (the judge endpoint is
 down, its reply holds no score, a python grader crashes) raises `GraderError`: that is an error
 of the rollout, not a zero.
+
+A trainer-side evaluator built from graders::
+
+    from env_sdk.graders import NumericMatch, RegexMatch, WeightedGrader, final_text
+
+    GRADER = WeightedGrader({"answer": (NumericMatch(abs_tol=0.01), 0.9),
+                             "format": (RegexMatch(r"\\boxed\{"), 0.1)})
+
+    def evaluate(messages, ground_truth, info):
+        return GRADER.grade(final_text(messages) or "", ground_truth)
 """
 
 from __future__ import annotations
