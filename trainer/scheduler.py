@@ -35,6 +35,7 @@ from env_sdk import (
     CapacityError,
     EnvClient,
     EnvError,
+    EnvHTTPError,
     EnvProtocolError,
     EnvUnreachableError,
     NotFoundError,
@@ -53,12 +54,26 @@ RETRYABLE_CODES = frozenset(
 DOWN_FOR_S = 10.0
 #: How long an env that stayed at capacity (429/503) or failed (5xx) is skipped.
 BUSY_FOR_S = 2.0
+#: How often a down env's /health is tried while every env is down.
+REVIVE_POLL_S = 0.5
+#: Final failure codes that mean the env side is broken (unreachable, 5xx, at capacity through the
+#: retries, off-spec answers, forgot the rollout, refused the request or the token), not the agent
+#: or its score: the circuit breaker counts these in a row.
+INFRA_CODES = frozenset({
+    StatusCode.UNAVAILABLE, StatusCode.RESOURCE_EXHAUSTED, StatusCode.DATA_LOSS, StatusCode.NOT_FOUND,
+    StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED, StatusCode.INVALID_ARGUMENT,
+    StatusCode.FAILED_PRECONDITION,
+})
 #: Debounce before a waiter sends a long-poll, so a burst of new rollouts shares one request.
 POLL_DEBOUNCE_S = 0.005
 
 
 class EnvsUnreachable(RuntimeError):
     """No configured env server answers /health; the message names each URL and its error."""
+
+
+class CircuitOpen(RuntimeError):
+    """Too many rollouts in a row failed for infrastructure reasons; the message says which and why."""
 
 
 # --- the model side of a rollout ----------------------------------------------------------
@@ -145,6 +160,7 @@ class EnvSlot:
     in_flight: int = 0
     down_until: float = 0.0
     waiter: _Waiter = field(default_factory=_Waiter)
+    reviving: asyncio.Task[None] | None = None  # the one /health watch while every env is down
 
     @property
     def up(self) -> bool:
@@ -207,6 +223,26 @@ class EnvPool:
 
     def mark_down(self, slot: EnvSlot, seconds: float = DOWN_FOR_S) -> None:
         slot.down_until = max(slot.down_until, time.monotonic() + seconds)
+
+    async def wait_up(self, slot: EnvSlot) -> None:
+        """Every env is down and `slot` comes back first: wait until its down time is over or,
+        sooner, its /health answers again (a restarted env is used at once). Retries wait here
+        instead of spending themselves on a dead env in a second; all share one /health watch."""
+        if slot.reviving is None or slot.reviving.done():
+            slot.reviving = asyncio.create_task(self._revive(slot), name=f"revive {slot.url}")
+        await asyncio.shield(slot.reviving)
+
+    async def _revive(self, slot: EnvSlot) -> None:
+        while not slot.up:
+            try:
+                async with asyncio.timeout(REVIVE_POLL_S):
+                    await slot.client.health()
+            except EnvHTTPError:  # it answers (an eval-protocol server has no /health): it is up
+                pass
+            except (EnvError, OSError, TimeoutError):
+                await asyncio.sleep(min(REVIVE_POLL_S, max(0.0, slot.down_until - time.monotonic())))
+                continue
+            slot.down_until = 0.0
 
     # --- waiting ----------------------------------------------------------------------------
 
@@ -401,6 +437,7 @@ class RolloutScheduler:
         max_in_flight: int,
         run_id: str,
         experiment_id: str = "openrft",
+        max_consecutive_failures: int = 0,
     ) -> None:
         self.pool = pool
         self.endpoint = endpoint
@@ -412,6 +449,8 @@ class RolloutScheduler:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.retries = 0
+        self.max_consecutive_failures = max_consecutive_failures  # 0: no circuit breaker
+        self.consecutive_failures = 0
 
     async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int,
                          on_rollout: Callable[[RolloutResult], None] | None = None) -> list[GroupResult]:
@@ -421,17 +460,37 @@ class RolloutScheduler:
 
         async def one(task: Task, index: int, g: int, k: int) -> RolloutResult:
             result = await self.run_rollout(task, task_index=index, group=g, rollout_id=f"s{step}-g{g}-r{k}-{nonce}")
+            self._breaker(result)
             if on_rollout is not None:
                 on_rollout(result)
             return result
 
-        results = await asyncio.gather(
-            *(one(task, index, g, k) for g, (index, task) in enumerate(tasks) for k in range(group_size))
-        )
+        jobs = [asyncio.ensure_future(one(task, index, g, k)) for g, (index, task) in enumerate(tasks)
+                for k in range(group_size)]
+        try:
+            results = await asyncio.gather(*jobs)
+        except BaseException:  # the breaker opened (or we were cancelled): stop the other rollouts
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            raise
         return [
             GroupResult(g, index, list(results[g * group_size : (g + 1) * group_size]))
             for g, (index, _) in enumerate(tasks)
         ]
+
+    def _breaker(self, result: RolloutResult) -> None:
+        """Count rollouts that failed for an infrastructure reason in a row; raise CircuitOpen at the limit."""
+        if result.ok or result.status.code not in INFRA_CODES:
+            self.consecutive_failures = 0
+            return
+        self.consecutive_failures += 1
+        if self.max_consecutive_failures and self.consecutive_failures >= self.max_consecutive_failures:
+            raise CircuitOpen(
+                f"{self.consecutive_failures} rollouts in a row failed for infrastructure reasons "
+                f"(rollout.max_consecutive_failures = {self.max_consecutive_failures}); the last on "
+                f"{result.env_url} after {result.attempts} attempt(s): {result.failure_kind}: {result.status.message}"
+            )
 
     async def run_rollout(self, task: Task, *, task_index: int, group: int, rollout_id: str) -> RolloutResult:
         """One rollout to its end, with bounded retries of retryable failures."""
@@ -440,6 +499,8 @@ class RolloutScheduler:
         for attempt in range(self.max_retries + 1):
             rid = rollout_id if attempt == 0 else f"{rollout_id}.{attempt}"
             slot = self.pool.pick(avoid=slot)
+            if not slot.up:  # every env is down: wait for one to answer again rather than spin
+                await self.pool.wait_up(slot)
             try:
                 async with self.semaphore:
                     result = await self._attempt(task, rid, slot, task_index=task_index, group=group)
