@@ -83,6 +83,11 @@ class RolloutConfig(_Section):
     max_in_flight: int = Field(default=256, ge=1, description="rollouts running at once, over all envs")
     routing: Literal["least_loaded", "round_robin"] = "least_loaded"
     poll_s: float = Field(default=2.0, gt=0, description="long-poll window of one batched /status call")
+    max_consecutive_failures: int = Field(
+        default=20, ge=0,
+        description="circuit breaker: stop the run after this many rollouts in a row failed, after their retries, "
+        "for an infrastructure reason (env unreachable, 5xx, at capacity, off-spec answers, auth); 0 = never",
+    )
 
 
 class GatewayConfig(_Section):
