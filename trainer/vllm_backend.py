@@ -54,6 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_KV_CACHE_GIB = 4  # KV cache of servers started on CPU, unless $VLLM_CPU_KVCACHE_SPACE says otherwise
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
 
 
@@ -153,6 +154,8 @@ def start_servers(
     logs = Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    # vLLM on CPU otherwise reserves 90% of the machine's memory (--gpu-memory-utilization); ignored on GPU
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
     servers: list[VLLMServer] = []
     try:
         for index in range(num_servers):
@@ -243,7 +246,6 @@ class VLLMBackend:
         self.load_timeout_s = load_timeout_s
         self.max_connections = max_connections
         self.adapter_name: str | None = None  # None: the base model (before the first sync)
-        self.adapter_dir: Path | None = None
         self._prefix = f"openrft-{uuid.uuid4().hex[:8]}"
         self._version = itertools.count(1)
         self._base_name: str | None = None
@@ -407,7 +409,7 @@ class VLLMBackend:
             self._broken = f"loading adapter {path} failed"
             raise VLLMError(f"vllm backend: weight sync failed, generation stopped rather than sample old weights: {exc}") from exc
         old = self.adapter_name
-        self.adapter_name, self.adapter_dir, self._broken = name, path, None
+        self.adapter_name, self._broken = name, None
         if old is not None:
             await self._unload(old)
 
