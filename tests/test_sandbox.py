@@ -135,10 +135,22 @@ def test_output_is_capped() -> None:
 
 
 async def test_async_runs_concurrently_without_blocking_the_loop() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
     started = time.monotonic()
     results = await asyncio.gather(*(run_python_async("import time\ntime.sleep(0.5)\nprint('ok')") for _ in range(4)))
+    elapsed = time.monotonic() - started
+    ticking.cancel()
     assert all(r.ok and r.stdout.strip() == "ok" for r in results)
-    assert time.monotonic() - started < 1.8
+    assert elapsed < 0.75 * sum(r.wall_s for r in results)  # they overlapped
+    assert ticks >= 20  # the loop kept running meanwhile
 
 
 def test_bad_limits_and_unavailable_isolation_are_clear() -> None:
