@@ -42,10 +42,9 @@ def test_crash_is_a_result_not_an_exception() -> None:
 
 
 def test_infinite_loop_hits_cpu_limit() -> None:
-    r = run_python("while True: pass", limits=SandboxLimits(cpu_s=1, wall_s=10))
+    r = run_python("while True: pass", limits=SandboxLimits(cpu_s=1, wall_s=20))
     assert not r.ok
-    assert "CPU-time limit" in r.describe() or r.timed_out
-    assert r.wall_s < 5
+    assert "CPU-time limit" in r.describe()  # 1 CPU second comes long before 20 s, even on a busy machine
 
 
 def test_sleeping_forever_hits_wall_clock() -> None:
