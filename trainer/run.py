@@ -32,14 +32,22 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, load_config, save_config
 from trainer.data import DatasetError, TaskStream, load_tasks
 from trainer.rewards import EvaluatorLoadError, load_evaluator
-from trainer.scheduler import EnvPool, EnvsUnreachable, GatewayEndpoint, GroupResult, RolloutScheduler, failure_counts
+from trainer.scheduler import (
+    CircuitOpen,
+    EnvPool,
+    EnvsUnreachable,
+    GatewayEndpoint,
+    GroupResult,
+    RolloutScheduler,
+    failure_counts,
+)
 from trainer.vllm_backend import VLLMError
 
 logger = logging.getLogger("trainer.run")
@@ -175,6 +183,7 @@ class StepBatch:
     trained_groups: int
     dropped: int
     all_equal: int
+    trained_ids: set[str] = field(default_factory=set)  # the rollouts the samples come from
 
 
 def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch:
@@ -183,6 +192,7 @@ def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch
     from trainer.samples import rollout_samples
 
     samples: list[Any] = []
+    trained_ids: set[str] = set()
     trained = dropped = all_equal = 0
     for group in groups:
         finished = group.finished
@@ -196,7 +206,8 @@ def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch
         trained += 1
         for r, adv in zip(finished, group_advantages(rewards, config.grpo.scale_rewards)):
             samples += rollout_samples(r.calls, adv, r.rollout_id)
-    return StepBatch(samples, trained, dropped, all_equal)
+            trained_ids.add(r.rollout_id)
+    return StepBatch(samples, trained, dropped, all_equal, trained_ids)
 
 
 def reward_metrics(groups: Sequence[GroupResult]) -> dict[str, float]:
@@ -323,6 +334,7 @@ async def _train(config: TrainConfig, resume: bool) -> Path:
                                        "top_p": config.sampling.top_p, "max_tokens": config.sampling.max_tokens},
                     evaluator=evaluator, deadline_s=config.rollout.deadline_s, max_retries=config.rollout.max_retries,
                     max_in_flight=config.rollout.max_in_flight, run_id=uuid.uuid4().hex[:12],
+                    max_consecutive_failures=config.rollout.max_consecutive_failures,
                 )
                 await _loop(config, run_dir, start, tasks, stream, learner, backend, scheduler)
         finally:  # also when a step fails: servers a backend started must not outlive the run
@@ -346,6 +358,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
             t0 = time.perf_counter()
             backend.take()
             retries_before = scheduler.retries
+            data_state = stream.state_dict()
             indices = stream.take(config.tasks_per_step)
             groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step)
             t_rollouts = time.perf_counter() - t0
@@ -383,7 +396,8 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
             with (run_dir / "rollouts" / f"step_{step:06d}.jsonl").open("w") as fh:
                 for g in groups:
                     for r in g.rollouts:
-                        fh.write(json.dumps({"step": step, **r.dump()}, default=str) + "\n")
+                        fh.write(json.dumps({"step": step, **r.dump(), "trained": r.rollout_id in batch.trained_ids},
+                                            default=str) + "\n")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(run_dir, step, learner, stream)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}",
@@ -391,6 +405,13 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
             bar.update(1)
             if not math.isfinite(metrics["loss"]):
                 raise RunError(f"step {step}: the loss is {metrics['loss']}; stopping (see {run_dir}/metrics.jsonl)")
+    except CircuitOpen as exc:  # the envs are broken: stop, keeping every step that finished
+        stream.load_state_dict(data_state)
+        done = step - 1
+        if done > start and latest_checkpoint(run_dir) != checkpoint_dir(run_dir, done):
+            save_checkpoint(run_dir, done, learner, stream)
+        raise RunError(f"step {step}: stopped by the circuit breaker: {exc}. Steps 1-{done} are saved; "
+                       "fix the env servers, then continue with --resume") from None
     finally:
         bar.close()
 
