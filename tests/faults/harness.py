@@ -250,6 +250,14 @@ def check_accounting(run: Run) -> None:
             assert 0.0 <= r["reward"] <= 1.0 and r["num_calls"] >= 1, r
         for r in failed:
             assert r["status"]["message"], f"failure without a message: {r}"
+        # trained = the finished rollouts of groups with enough of them and unequal rewards
+        by_group: dict[int, list[dict[str, Any]]] = {}
+        for r in ok:
+            by_group.setdefault(r["group"], []).append(r)
+        expected = {r["rollout_id"] for g in by_group.values() if len(g) >= cfg.rollout.min_group_size
+                    and max(x["reward"] for x in g) - min(x["reward"] for x in g) >= 1e-9 for r in g}
+        assert {r["rollout_id"] for r in rows if r["trained"]} == expected, f"step {m['step']}: trained flags"
+        assert m["samples"] == sum(r["num_calls"] for r in rows if r["trained"])  # one-call agents: a sample each
     # the trained samples (in-process runs): exactly the finished rollouts of the trained groups
     assert len(run.steps) == len(metrics) or not run.steps
     for m, (groups, batch) in zip(metrics, run.steps):
