@@ -60,21 +60,23 @@ async def _direct(backend: TransformersBackend, prompts: list[list[int]], max_to
     return sum(len(g.token_ids) for g in gens)
 
 
-async def _through_gateway(gateway: Gateway, base: str, round_: int, rollouts: int, max_tokens: int) -> int:
+def _open_clients(gateway: Gateway, base: str, round_: int, rollouts: int) -> list[AsyncOpenAI]:
+    """One rollout and one client per request, as each env would have (set up before timing)."""
     clients = []
     for i in range(rollouts):
         meta = RolloutMetadata(invocation_id="b", experiment_id="b", rollout_id=f"r{round_}-{i}", run_id="b", row_id=str(i))
         url, key = gateway.open_rollout(meta, base)
         clients.append(AsyncOpenAI(base_url=url, api_key=key, max_retries=0))
+    return clients
+
+
+async def _through_gateway(clients: list[AsyncOpenAI], max_tokens: int) -> int:
     replies = await asyncio.gather(
         *(
             c.chat.completions.create(model="policy", messages=_messages(i), max_tokens=max_tokens, temperature=1.0, seed=i)  # type: ignore[arg-type]
             for i, c in enumerate(clients)
         )
     )
-    for i, c in enumerate(clients):
-        gateway.close_rollout(f"r{round_}-{i}")
-        await c.close()
     return sum(r.usage.completion_tokens for r in replies if r.usage)
 
 
@@ -88,21 +90,24 @@ async def run(model_dir: Path, rollouts: int, max_tokens: int, rounds: int, wind
     batches: dict[str, list[int]] = {"direct": [], "gateway": []}
     with _Server(gateway.app) as base:
         await _direct(backend, prompts, 4)  # warm up both paths
-        await _through_gateway(gateway, base, -1, rollouts, 4)
+        await _through_gateway(_open_clients(gateway, base, -1, rollouts), 4)
         for r in range(rounds):
+            clients = _open_clients(gateway, base, r, rollouts)
             for name in ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct"):
                 seen = len(backend.stats.batch_sizes)
                 start = time.perf_counter()
                 if name == "direct":
                     tokens[name] = await _direct(backend, prompts, max_tokens)
                 else:
-                    tokens[name] = await _through_gateway(gateway, base, r, rollouts, max_tokens)
+                    tokens[name] = await _through_gateway(clients, max_tokens)
                 times[name].append(time.perf_counter() - start)
                 batches[name] = backend.stats.batch_sizes[seen:]
+            for c in clients:
+                await c.close()
     backend.close()
     assert tokens["direct"] == tokens["gateway"], tokens  # same work on both paths
     print(f"{rollouts} concurrent completions x {max_tokens} tokens, model {model_dir}, {rounds} rounds (median)")
-    print(f"{'path':<10}{'wall s':>10}{'tokens':>10}{'tokens/s':>12}  batches")
+    print(f"{'path':<10}{'wall s':>10}{'tokens':>10}{'tokens/s':>12}  batches (rows at start; later ones joined)")
     for name in ("direct", "gateway"):
         wall = statistics.median(times[name])
         print(f"{name:<10}{wall:>10.3f}{tokens[name]:>10}{tokens[name] / wall:>12.1f}  {batches[name]}")

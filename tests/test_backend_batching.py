@@ -79,6 +79,20 @@ async def test_late_requests_join_the_running_batch(loaded) -> None:  # type: ig
     backend.close()
 
 
+async def test_a_group_sharing_a_prompt_is_prefilled_once(loaded) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.2)
+    shared, other = _prompts(tokenizer, 2)
+    params = [SamplingParams(max_tokens=10, seed=s) for s in range(4)]
+    alone = [await backend.generate(shared, p) for p in params] + [await backend.generate(other, params[0])]
+    prefilled = backend.stats.prefilled_rows
+    together = await asyncio.gather(*(backend.generate(shared, p) for p in params), backend.generate(other, params[0]))
+    assert backend.stats.batch_sizes[-1] == 5 and backend.stats.prefilled_rows == prefilled + 2
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in together[:4]}) > 1  # the shared cache is not shared state
+    backend.close()
+
+
 async def test_logprobs_match_a_full_forward_pass(loaded) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = loaded
     backend = TransformersBackend(model, tokenizer)

@@ -78,6 +78,7 @@ class BackendStats:
     forward_calls: int = 0
     rows: int = 0
     joined: int = 0  # rows that joined a batch already decoding
+    prefilled_rows: int = 0  # prompts prefilled (identical prompts admitted together count once)
     generated_tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -282,27 +283,37 @@ class _Decoder:
             pass
 
     def _admit(self, requests: list[_Request]) -> None:
-        """Prefill `requests` and add them to the running rows."""
+        """Prefill `requests` and add them to the running rows. Identical prompts (a GRPO
+        group's rollouts start from the same one) are prefilled once and their cache shared."""
         import torch
 
         backend, device = self.backend, self.device
         lengths = [len(r.prompt_ids) for r in requests]
+        slot: dict[tuple[int, ...], int] = {}
+        for r in requests:
+            slot.setdefault(tuple(r.prompt_ids), len(slot))
+        unique = list(slot)
         width = max(lengths)
-        ids = torch.full((len(requests), width), backend.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids)
-            mask[i, width - lengths[i] :] = 1
+        ids = torch.full((len(unique), width), backend.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, prompt in enumerate(unique):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        if len(unique) < len(requests):
+            index = torch.tensor([slot[tuple(r.prompt_ids)] for r in requests], device=device)
+            out.past_key_values.batch_select_indices(index)
+            logits, mask = logits[index], mask[index]
         backend.stats.forward_calls += 1
         backend.stats.rows += len(requests)
+        backend.stats.prefilled_rows += len(unique)
         params = [r.params for r in requests]
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         next_pos = torch.tensor(lengths, device=device)
-        logits = out.logits[:, -1, :].float()
         rows = [
             _Row(
                 request=r,
