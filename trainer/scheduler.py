@@ -2,8 +2,8 @@
 
 For every rollout: open it on the model endpoint (the gateway, or a plain OpenAI-compatible URL
 for evaluation) -> `POST /init` on an env chosen by the router -> wait for a terminal status,
-which ever comes first of (a) the env's batched long-poll `POST /status/batch` and (b) the
-gateway's `/logs` push (eval-protocol servers) -> at the deadline, cancel it on the env -> close
+from the env's batched long-poll `POST /status/batch`, or for an env without /status (eval-protocol
+servers) from the gateway's `/logs` push -> at the deadline, cancel it on the env -> close
 it on the endpoint (its call records come back) -> score it.
 
 Nothing waits forever: each attempt has the rollout deadline, and only retryable failures are
@@ -578,7 +578,9 @@ class RolloutScheduler:
 
     async def _wait(self, slot: EnvSlot, rid: str) -> StatusResponse:
         polled = self.pool.watch(slot, rid) if slot.wait != "logs" else None
-        logged = self.endpoint.logged(rid)
+        # An env that serves /status is believed there only: a /logs push carries no proof of who sent
+        # it, so another rollout's env could otherwise end this rollout early.
+        logged = self.endpoint.logged(rid) if slot.wait != "poll" else None
         pushed = asyncio.ensure_future(logged.wait()) if logged is not None else None
         try:
             waits = [w for w in (polled, pushed) if w is not None]
