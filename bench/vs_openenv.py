@@ -10,6 +10,8 @@ soon as the last one ends).
 The figure that matters is episodes per second per *server* core: episodes completed in the
 window divided by the CPU seconds the server's processes spent in it. On a small machine the
 client saturates before the server does, so wall-clock episodes/s alone would compare clients.
+A second table calls each app in-process through ASGI (no sockets, no HTTP parsing, CPU time
+only): the app's own cost per episode, steady even on a busy machine.
 
     python bench/vs_openenv.py                       # 1, 64, 1024 concurrent; 3 rounds x 3 s a point
     python bench/vs_openenv.py --concurrency 1 64 --duration 3 --workers 2
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import socket
 import statistics
@@ -35,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -273,6 +277,97 @@ async def rollout_episode(client: Http, base: str) -> int:
 EPISODES: dict[str, Episode] = {"bare": rollout_episode, "openrft": rollout_episode, "openenv": openenv_episode}
 
 
+# --- in-process ASGI cost (no network, no HTTP parsing: what the app itself costs) ------------
+
+
+@dataclass
+class AsgiResponse:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class AsgiHttp:
+    """Calls an ASGI app directly with the `Http` interface the episodes use. After each answer it
+    yields to the event loop once, as a network round trip would (so a rollout task can run)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def _call(self, method: str, url: str, query: str = "", body: bytes = b"") -> AsgiResponse:
+        path = "/" + url.split("/", 3)[3] if url.startswith("http") else url
+        headers = [(b"host", b"bench"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+                 "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        status, chunks = 0, []
+
+        async def receive() -> dict[str, Any]:
+            return pending.pop() if pending else await never
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, send)
+        await asyncio.sleep(0)
+        return AsgiResponse(status, b"".join(chunks))
+
+    async def get(self, url: str, params: dict[str, str] | None = None) -> AsgiResponse:
+        return await self._call("GET", url, query=urlencode(params or {}))
+
+    async def post(self, url: str, **kwargs: Any) -> AsgiResponse:
+        return await self._call("POST", url, body=json.dumps(kwargs.get("json")).encode())
+
+
+async def _asgi_lifespan(app: Any) -> Callable[[], Awaitable[None]]:
+    """Run the app's lifespan startup; return a coroutine function that shuts it down."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"lifespan startup failed: {started}")
+
+    async def shutdown() -> None:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+    return shutdown
+
+
+async def asgi_cost(kind: str, *, episodes: int, concurrency: int) -> float:
+    """CPU microseconds this process spends per episode calling `kind`'s app in-process."""
+    app = {"bare": bare_app, "openrft": openrft_app, "openenv": openenv_app}[kind]()
+    shutdown = await _asgi_lifespan(app)
+    http = AsgiHttp(app)
+    episode = EPISODES[kind]
+    try:
+        async def run_some(n: int) -> None:
+            for _ in range(n):
+                await episode(http, "")  # type: ignore[arg-type]
+
+        await asyncio.gather(*(run_some(10) for _ in range(concurrency)))  # warm-up
+        t0 = time.process_time()
+        await asyncio.gather(*(run_some(episodes // concurrency) for _ in range(concurrency)))
+        return (time.process_time() - t0) / (episodes // concurrency * concurrency) * 1e6
+    finally:
+        await shutdown()
+
+
 # --- the load generator --------------------------------------------------------------------
 
 
@@ -390,7 +485,7 @@ def merge(points: list[Point]) -> Point:
 
 def run(
     kinds: list[str], concurrencies: list[int], *, workers: int = 1, http: str = "auto",
-    connections: int = 16, duration_s: float = 3.0, warmup_s: float = 1.0, rounds: int = 3,
+    connections: int = 8, duration_s: float = 3.0, warmup_s: float = 1.0, rounds: int = 3,
 ) -> list[Point]:
     """Start every kind's server (idle ones cost nothing), then for each concurrency drive the
     kinds in turn, `rounds` times in rotating order, so that the load of a shared machine
@@ -415,9 +510,12 @@ def run(
     return [merge(rounds_by[(kind, c)]) for kind in kinds for c in concurrencies]
 
 
-def ratio_line(points: list[Point]) -> str:
+def ratio_line(points: list[Point], asgi_us: dict[tuple[str, int], float] | None = None) -> str:
+    """openrft over each baseline: episodes per server CPU-second under load (c<N>=), and per
+    CPU-second of the app called in-process (asgi-c<N>=)."""
     by = {(p.kind, p.concurrency): p for p in points}
-    concurrencies = sorted({p.concurrency for p in points})
+    asgi_us = asgi_us or {}
+    concurrencies = sorted({p.concurrency for p in points} | {c for _, c in asgi_us})
     parts = []
     for base in ("openenv", "bare"):
         vals = []
@@ -425,9 +523,12 @@ def ratio_line(points: list[Point]) -> str:
             ours, theirs = by.get(("openrft", c)), by.get((base, c))
             if ours and theirs and theirs.eps_per_core and ours.episodes:
                 vals.append(f"c{c}={ours.eps_per_core / theirs.eps_per_core:.2f}")
+        for c in concurrencies:
+            if ("openrft", c) in asgi_us and (base, c) in asgi_us:
+                vals.append(f"asgi-c{c}={asgi_us[(base, c)] / asgi_us[('openrft', c)]:.2f}")
         if vals:
             parts.append(f"openrft/{base} {' '.join(vals)}")
-    return "RATIOS (episodes/s per server core): " + ("; ".join(parts) or "n/a")
+    return "RATIOS (episodes per server CPU-second): " + ("; ".join(parts) or "n/a")
 
 
 def table(points: list[Point]) -> str:
@@ -450,10 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 64, 1024])
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (same for all)")
     parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
-    parser.add_argument("--connections", type=int, default=16, help="client connections (requests in flight at once)")
+    parser.add_argument("--connections", type=int, default=8, help="client connections (requests in flight at once)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per point and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds run before each window")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point (pooled)")
+    parser.add_argument("--asgi-episodes", type=int, default=3000,
+                        help="episodes per kind for the in-process ASGI cost (0 skips it)")
     args = parser.parse_args(argv)
 
     kinds = []
@@ -473,7 +576,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         if p.errors:
             print(f"{p.kind} c={p.concurrency}: {p.errors} failed episodes, first: {p.first_error}")
-    print(ratio_line(points))
+    asgi_us: dict[tuple[str, int], float] = {}
+    if args.asgi_episodes:
+        asgi_conc = [c for c in args.concurrency if c <= 64] or [1]
+        for c in asgi_conc:
+            for kind in kinds:
+                asgi_us[(kind, c)] = asyncio.run(asgi_cost(kind, episodes=args.asgi_episodes, concurrency=c))
+        print(f"\nin-process ASGI (no network, no HTTP parsing; {args.asgi_episodes} episodes): CPU us per episode")
+        print("  ".join(f"{kind} c{c}={asgi_us[(kind, c)]:.0f}" for c in asgi_conc for kind in kinds))
+    print(ratio_line(points, asgi_us))
     return 1 if any(p.errors for p in points) else 0
 
 

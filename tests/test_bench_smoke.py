@@ -5,6 +5,7 @@ its package is not installed (`pip install -e '.[bench]'`)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sys
 from pathlib import Path
@@ -50,6 +51,12 @@ def test_vs_openenv_openrft_and_bare_complete_rollouts(openenv_points: dict[str,
         assert p.requests >= 2 * p.episodes  # init + at least one status each
     line = vs_openenv.ratio_line(list(openenv_points.values()))
     assert line.startswith("RATIOS") and "openrft/bare c1=" in line and "c8=" in line
+
+
+def test_vs_openenv_in_process_asgi_cost() -> None:
+    costs = {(k, 4): asyncio.run(vs_openenv.asgi_cost(k, episodes=40, concurrency=4)) for k in ("bare", "openrft")}
+    assert all(0 < us < 1e6 for us in costs.values()), costs
+    assert "asgi-c4=" in vs_openenv.ratio_line([], costs)
 
 
 @pytest.mark.skipif(OPENENV_MISSING, reason="openenv-core not installed: pip install -e '.[bench]'")
