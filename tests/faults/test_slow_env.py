@@ -1,0 +1,30 @@
+"""Fault 12: one slow env among fast ones. The step waits for the slow env's rollouts only up to
+the rollout deadline -- then cancels them, counts them as deadline_exceeded, and trains on the rest;
+the fast env's rollouts are not held back by them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.faults.harness import check_accounting, short_config, train_run
+
+DEADLINE_S = 3.0
+
+
+def test_slow_env_does_not_hold_the_step(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
+    slow, fast = envs("--delay", "60"), envs()
+    run = train_run(short_config(tmp_path, tiny_model, [slow.url, fast.url], rollout={"deadline_s": DEADLINE_S}))
+    assert run.error is None, run.error
+    check_accounting(run)
+    rollouts = run.rollouts()
+    on_slow = [r for r in rollouts if r["env_url"] == slow.url]
+    on_fast = [r for r in rollouts if r["env_url"] == fast.url]
+    assert on_slow and on_fast
+    assert all(r["status"]["code"] == 4 for r in on_slow)  # DEADLINE_EXCEEDED, cancelled
+    assert all(r["reward"] is not None for r in on_fast)
+    assert run.failures() == {"deadline_exceeded": len(on_slow)}
+    for m in run.metrics:
+        assert m["time/step"] < DEADLINE_S + 4.0, m["time/step"]  # not the slow env's 60 s
+        assert m["groups/trained"] + m["groups/all_equal"] >= 1
+    assert slow.in_flight() == 0  # the slow env was told to stop (POST /cancel)
