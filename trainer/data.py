@@ -24,8 +24,13 @@ def load_tasks(path: str | Path) -> list[Task]:
         raise DatasetError(f"dataset not found: {path}")
     tasks: list[Task] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(f"{path}:{lineno}: not UTF-8 text: {exc.reason} at byte {exc.start}")
+                continue
             if not line.strip():
                 continue
             try:
