@@ -357,12 +357,26 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
             backend.take()
+            forwards_before = _forward_calls(backend)
             retries_before = scheduler.retries
             data_state = stream.state_dict()
             indices = stream.take(config.tasks_per_step)
-            groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step)
+            live: list[float] = []
+            last_refresh = [0.0]
+
+            def on_rollout(result: Any) -> None:  # the bar shows this step's reward as rollouts end
+                if result.ok:
+                    live.append(result.reward)
+                now = time.monotonic()
+                if live and now - last_refresh[0] > 0.5:
+                    last_refresh[0] = now
+                    bar.set_postfix(reward=f"{statistics.fmean(live):.3f}", rollouts=len(live), refresh=True)
+
+            groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step,
+                                                on_rollout=on_rollout)
             t_rollouts = time.perf_counter() - t0
             gen_s, gen_tokens = backend.take()
+            forwards = _forward_calls(backend) - forwards_before
             batch = build_batch(groups, config)
 
             t1 = time.perf_counter()
@@ -383,6 +397,9 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                 "generate/tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
                 "time/generate": gen_s, "time/env": max(0.0, t_rollouts - gen_s), "time/learn": t_learn,
                 "time/step": t_step,
+                # how well generation batched: sampled tokens per model forward (1 = one at a time)
+                "generate/forward_calls": float(forwards),
+                "generate/tokens_per_forward": gen_tokens / forwards if forwards else 0.0,
                 **{f"failures/{kind}": float(n) for kind, n in sorted(failure_counts(groups).items())},
                 "groups/dropped": float(batch.dropped), "groups/all_equal": float(batch.all_equal),
                 "groups/trained": float(batch.trained_groups), "rollouts/retries": float(scheduler.retries - retries_before),
@@ -414,6 +431,11 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                        "fix the env servers, then continue with --resume") from None
     finally:
         bar.close()
+
+
+def _forward_calls(backend: TimedBackend) -> int:
+    """Model forward calls the backend has made (0 for backends that do not count them)."""
+    return int(getattr(getattr(backend.inner, "stats", None), "forward_calls", 0))
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
