@@ -93,7 +93,10 @@ def _plots(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if key == "reward/mean":
                 _, std = _series(metrics, "reward/std")
                 if len(std) == len(ys):
-                    ax.fill_between(xs, [y - s for y, s in zip(ys, std)], [y + s for y, s in zip(ys, std)], alpha=0.2)
+                    # rewards live in [0, 1]: the band is clipped to it
+                    low = [max(0.0, y - s) for y, s in zip(ys, std)]
+                    high = [min(1.0, y + s) for y, s in zip(ys, std)]
+                    ax.fill_between(xs, low, high, alpha=0.2)  # ± std
         if not drawn:
             ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes)
         elif len(keys) > 1:
