@@ -146,6 +146,10 @@ class Cell:
     def rate(self) -> float:
         return self.done / self.wall if self.wall else 0.0
 
+    def cpu_ms(self, share: float) -> float:
+        """CPU milliseconds per lifecycle: robust to a machine shared with other work."""
+        return share * 1000 / self.rate if self.rate else float("nan")
+
 
 def pct(values: list[float], q: float) -> float:
     if not values:
@@ -169,20 +173,25 @@ async def run_cell(env: EnvClient, cell: Cell, duration: float, linger_s: float,
     pending: dict[str, asyncio.Future[float]] = {}
     new_work = asyncio.Event()
 
-    async def collector() -> None:
-        while time.monotonic() < stop_at or pending:
-            if not pending:
-                new_work.clear()
-                try:
-                    await asyncio.wait_for(new_work.wait(), max(0.0, stop_at - time.monotonic()))
-                except TimeoutError:
-                    continue
-            got = await env.wait_many(list(pending), timeout_s=2.0, linger_s=linger_s)
-            now = time.perf_counter()
-            for rid in got:
-                fut = pending.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(now)
+    failure: list[BaseException] = []
+
+    async def collector() -> None:  # runs until cancelled, once every worker is done
+        try:
+            while True:
+                if not pending:
+                    new_work.clear()
+                    await new_work.wait()
+                got = await env.wait_many(list(pending), timeout_s=2.0, linger_s=linger_s)
+                now = time.perf_counter()
+                for rid in got:
+                    fut = pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(now)
+        except Exception as exc:  # hand it to the workers instead of leaving them waiting
+            failure.append(exc)
+            for fut in pending.values():
+                fut.set_exception(exc)
+            raise
 
     async def worker() -> None:
         while time.monotonic() < stop_at:
@@ -191,6 +200,8 @@ async def run_cell(env: EnvClient, cell: Cell, duration: float, linger_s: float,
             await env.init(make_request(rid))
             t1 = time.perf_counter()
             if cell.mode == "batch":
+                if failure:
+                    raise failure[0]
                 fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
                 pending[rid] = fut
                 new_work.set()
@@ -205,16 +216,19 @@ async def run_cell(env: EnvClient, cell: Cell, duration: float, linger_s: float,
                 cell.init_ms.append((t1 - t0) * 1000)
                 cell.life_ms.append((t2 - t0) * 1000)
 
-    tasks = [asyncio.create_task(worker()) for _ in range(cell.inflight)]
-    if cell.mode == "batch":
-        tasks.append(asyncio.create_task(collector()))
-    await asyncio.gather(*tasks)
+    collecting = asyncio.create_task(collector()) if cell.mode == "batch" else None
+    try:
+        await asyncio.gather(*(worker() for _ in range(cell.inflight)))
+    finally:
+        if collecting is not None:
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
 
 
 async def measure(server: str, url: str, pid: int, modes: list[str], levels: list[int], duration: float,
-                  linger_s: float) -> list[Cell]:
+                  linger_s: float, connections: int) -> list[Cell]:
     cells = []
-    async with EnvClient(url, max_connections=256, timeout=60) as env:
+    async with EnvClient(url, max_connections=connections, timeout=60) as env:
         for mode in modes:
             for n in levels:
                 cell = Cell(server, mode, n)
@@ -236,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", choices=sorted(STACKS), default="plain",
                    help="server's uvicorn stack: plain = h11 + asyncio, fast = httptools + uvloop")
     p.add_argument("--linger", type=float, default=0.01, help="linger_s of the batch mode's long-polls")
+    p.add_argument("--connections", type=int, default=64, help="the client's max_connections")
     p.add_argument("--serve", choices=["openrft", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -248,28 +263,31 @@ def main(argv: list[str] | None = None) -> int:
     for server, modes in [("openrft", ["poll", "batch"]), ("bare", ["poll"])]:
         proc, url = start_server(server, args.stack)
         try:
-            cells += asyncio.run(measure(server, url, proc.pid, modes, args.inflight, args.duration, args.linger))
+            cells += asyncio.run(measure(server, url, proc.pid, modes, args.inflight, args.duration, args.linger,
+                                         args.connections))
         finally:
             proc.terminate()
             proc.wait(timeout=20)
 
     http, loop = STACKS[args.stack]
-    table = Table(title=f"protocol lifecycles, no-op agent (server: uvicorn {http}+{loop}, 1 worker; "
-                        f"{os.cpu_count()} cores; {args.duration:g}s per row)")
+    table = Table(title=f"protocol lifecycles, no-op agent (server: uvicorn {http}+{loop}, 1 worker; client: "
+                        f"EnvClient, {args.connections} connections; {os.cpu_count()} cores; {args.duration:g}s per row)")
     for col in ["server", "mode", "in flight", "lifecycles/s", "init p50 ms", "init p99 ms", "life p50 ms",
-                "life p99 ms", "client CPU", "server CPU"]:
+                "life p99 ms", "client CPU", "server CPU", "client CPU ms/lc", "server CPU ms/lc"]:
         table.add_column(col, justify="left" if col in ("server", "mode") else "right")
     for c in cells:
         table.add_row(c.server, c.mode, str(c.inflight), f"{c.rate:.0f}", f"{pct(c.init_ms, 0.5):.2f}",
                       f"{pct(c.init_ms, 0.99):.2f}", f"{pct(c.life_ms, 0.5):.2f}", f"{pct(c.life_ms, 0.99):.2f}",
-                      f"{c.client_cpu:.0%}", f"{c.server_cpu:.0%}")
+                      f"{c.client_cpu:.0%}", f"{c.server_cpu:.0%}", f"{c.cpu_ms(c.client_cpu):.2f}",
+                      f"{c.cpu_ms(c.server_cpu):.2f}")
     console = Console()
     console.print(table)
     by = {(c.server, c.mode, c.inflight): c for c in cells}
     for n in args.inflight:
         o, b, ob = by[("openrft", "poll", n)], by[("bare", "poll", n)], by[("openrft", "batch", n)]
-        console.print(f"in flight {n:5d}: openrft/bare (poll) = {o.rate / b.rate:.2f}   "
-                      f"openrft batch/bare poll = {ob.rate / b.rate:.2f}")
+        console.print(f"in flight {n:5d}: lifecycles/s openrft/bare (poll) = {o.rate / b.rate:.2f}, "
+                      f"openrft batch/bare poll = {ob.rate / b.rate:.2f}; server CPU per lifecycle "
+                      f"openrft/bare = {o.cpu_ms(o.server_cpu) / b.cpu_ms(b.server_cpu):.2f}")
     return 0
 
 

@@ -87,6 +87,9 @@ class EnvClient:
             timeout=httpx.Timeout(timeout, pool=None),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # At most max_connections requests inside httpx at a time: its pool scans every queued
+        # request on each assignment, so thousands queued there cost O(n^2) CPU.
+        self._slots = asyncio.Semaphore(max_connections)
         self._batch_supported = True
 
     async def __aenter__(self) -> EnvClient:
@@ -118,8 +121,9 @@ class EnvClient:
             async for attempt in retrying:
                 with attempt:
                     try:
-                        resp = await self._http.request(method, path, params=params, content=content,
-                                                        headers=headers, timeout=timeout)
+                        async with self._slots:
+                            resp = await self._http.request(method, path, params=params, content=content,
+                                                            headers=headers, timeout=timeout)
                     except httpx.TransportError as exc:
                         raise _Retry(exc=exc) from exc
                     if resp.status_code == 429 or resp.status_code >= 500:
