@@ -157,7 +157,7 @@ class _ProtocolMiddleware:
 
     def __init__(self, app: Any, *, token: str | None, max_body_bytes: int) -> None:
         self.app = app
-        self.token = f"Bearer {token}".encode() if token else None
+        self.token = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -173,7 +173,8 @@ class _ProtocolMiddleware:
         headers = dict(scope.get("headers") or ())
         if self.token is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.token):
+            scheme, _, credential = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
                 reason = "missing" if not given else "wrong"
                 resp = _json_error(401, f"{reason} bearer token (Authorization: Bearer <token>)",
                                    headers={"WWW-Authenticate": "Bearer"})
@@ -448,7 +449,7 @@ def create_env_app(
                 await asyncio.wait_for(r.done.wait(), wait_s)
         return Response(r.body if r.done.is_set() else _RUNNING_BODY, media_type="application/json")
 
-    @app.post("/status/batch", response_model=StatusBatchResponse, responses={401: err, 413: err, 422: err})
+    @app.post("/status/batch", response_model=StatusBatchResponse, responses={400: err, 401: err, 413: err, 422: err})
     async def status_batch(req: StatusBatchRequest) -> Response:
         """The terminal rollouts among rollout_ids. With wait_s > 0 and none terminal yet, waits until
         one is (then gathers more for linger_s) or wait_s passed. Ids never seen are listed in `unknown`."""

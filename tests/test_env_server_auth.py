@@ -43,8 +43,9 @@ def test_missing_or_wrong_token_is_401(url: str, method: str, path: str, kwargs:
     assert "bearer token" in resp.json()["detail"]
 
 
-def test_the_right_token_opens_every_endpoint(url: str) -> None:
-    with httpx.Client(base_url=url, headers={"Authorization": "Bearer s3cret"}) as c:
+@pytest.mark.parametrize("header", ["Bearer s3cret", "bearer s3cret"])  # the scheme is case-insensitive
+def test_the_right_token_opens_every_endpoint(url: str, header: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": header}) as c:
         assert c.post("/init", json=BODY).status_code in (200, 202)
         assert c.get("/status", params={"rollout_id": "r", "wait_s": 2}).json()["terminated"] is True
         assert c.post("/status/batch", json={"rollout_ids": ["r"]}).status_code == 200
