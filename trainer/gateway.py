@@ -30,13 +30,28 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
 from trainer.backend import GenerationBackend
-from trainer.completions import APIError, ChatCompleter, Completion, install_error_handlers, read_json, validation_api_error
+from trainer.completions import (
+    APIError,
+    ChatCompleter,
+    ChatCompletionRequest,
+    Completion,
+    install_error_handlers,
+    read_json,
+    validation_api_error,
+)
 
 ROLLOUT_PATH = (
     "/v1/rollout_id/{rollout_id}/invocation_id/{invocation_id}/experiment_id/{experiment_id}"
     "/run_id/{run_id}/row_id/{row_id}"
 )
 _ID_FIELDS = ("rollout_id", "invocation_id", "experiment_id", "run_id", "row_id")
+#: Every error answer, in OpenAI's shape (documented in the OpenAPI so clients and fuzzers know it).
+_ERROR: dict[str, Any] = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}}}}
 
 
 @dataclass
@@ -72,6 +87,25 @@ class LogRecordBody(BaseModel):
     message: str | None = None
     tags: list[str]
     extras: dict[str, Any] | None = None
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that reads its JSON itself (to answer errors in OpenAI's
+    shape after the auth checks): `model`'s JSON Schema, its $defs inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 @dataclass
@@ -151,7 +185,8 @@ class Gateway:
         app = FastAPI(title="openrft gateway")
         install_error_handlers(app)
 
-        @app.post(ROLLOUT_PATH + "/chat/completions")
+        @app.post(ROLLOUT_PATH + "/chat/completions", responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+                  openapi_extra=_json_body(ChatCompletionRequest))
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
         ) -> dict[str, Any]:
@@ -164,8 +199,8 @@ class Gateway:
                 self._record(opened, completion)
             return completion.response
 
-        @app.post("/logs")
-        @app.post("/v1/logs")
+        @app.post("/logs", responses={400: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
+        @app.post("/v1/logs", responses={400: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
         async def logs(request: Request) -> dict[str, Any]:
             return self._accept_log(await read_json(request))
 
