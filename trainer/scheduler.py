@@ -353,12 +353,7 @@ class RolloutResult:
 
     @property
     def failure_kind(self) -> str | None:
-        if self.ok:
-            return None
-        try:
-            return StatusCode(self.status.code).name.lower()
-        except ValueError:
-            return f"code_{self.status.code}"
+        return None if self.ok else status_kind(self.status.code)
 
     def dump(self) -> dict[str, Any]:
         """The rollouts-dump record (RUN_DIR/rollouts/step_*.jsonl)."""
@@ -388,6 +383,14 @@ class GroupResult:
     @property
     def finished(self) -> list[RolloutResult]:
         return [r for r in self.rollouts if r.ok]
+
+
+def status_kind(code: int) -> str:
+    """The metric name of a status code: `unavailable`, `score_invalid`, ... (`code_N` if unknown)."""
+    try:
+        return StatusCode(code).name.lower()
+    except ValueError:
+        return f"code_{code}"
 
 
 def failure_counts(groups: Sequence[GroupResult]) -> Counter[str]:
@@ -449,6 +452,7 @@ class RolloutScheduler:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.retries = 0
+        self.retried: Counter[str] = Counter()  # the failures that were retried, by kind
         self.max_consecutive_failures = max_consecutive_failures  # 0: no circuit breaker
         self.consecutive_failures = 0
 
@@ -511,6 +515,7 @@ class RolloutScheduler:
                 if not failed.retry or attempt == self.max_retries:
                     break
                 self.retries += 1
+                self.retried[status_kind(failed.status.code)] += 1
                 logger.info("rollout %s on %s failed (%s), retrying", rid, slot.url, failed.status.message)
         assert last is not None and slot is not None
         return RolloutResult(rid, group, task_index, last.status, env_url=slot.url, attempts=attempt + 1)
