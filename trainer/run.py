@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,7 +359,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
             t0 = time.perf_counter()
             backend.take()
             forwards_before = _forward_calls(backend)
-            retries_before = scheduler.retries
+            retries_before, retried_before = scheduler.retries, Counter(scheduler.retried)
             data_state = stream.state_dict()
             indices = stream.take(config.tasks_per_step)
             live: list[float] = []
@@ -401,6 +402,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                 "generate/forward_calls": float(forwards),
                 "generate/tokens_per_forward": gen_tokens / forwards if forwards else 0.0,
                 **{f"failures/{kind}": float(n) for kind, n in sorted(failure_counts(groups).items())},
+                **{f"retries/{kind}": float(n) for kind, n in sorted((scheduler.retried - retried_before).items())},
                 "groups/dropped": float(batch.dropped), "groups/all_equal": float(batch.all_equal),
                 "groups/trained": float(batch.trained_groups), "rollouts/retries": float(scheduler.retries - retries_before),
                 "samples": float(len(batch.samples)), "tokens/trained": stats["tokens"],
