@@ -22,9 +22,10 @@ from typing import Any
 import httpx
 
 import trainer.run as run_module
-from env_sdk.models import SUCCESS_CODES, StatusCode
+from env_sdk.models import SUCCESS_CODES
 from tests.helpers import free_port
 from trainer.config import TrainConfig
+from trainer.scheduler import status_kind
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,13 +222,6 @@ def train_run(config: dict[str, Any], timeout_s: float = 120.0) -> Run:
 # --- accounting -----------------------------------------------------------------------------------
 
 
-def failure_kind(code: int) -> str:
-    try:
-        return StatusCode(code).name.lower()
-    except ValueError:
-        return f"code_{code}"
-
-
 def check_accounting(run: Run) -> None:
     """Every rollout of every step accounted for exactly once (see the module docstring)."""
     cfg = run.config
@@ -245,7 +239,9 @@ def check_accounting(run: Run) -> None:
         failed = [r for r in rows if r not in ok]
         assert m["rollouts/finished"] == len(ok) and m["rollouts/failed"] == len(failed), m
         counted = {k.removeprefix("failures/"): int(v) for k, v in m.items() if k.startswith("failures/")}
-        assert counted == dict(Counter(failure_kind(r["status"]["code"]) for r in failed)), (counted, failed)
+        assert counted == dict(Counter(status_kind(r["status"]["code"]) for r in failed)), (counted, failed)
+        retried = {k: int(v) for k, v in m.items() if k.startswith("retries/")}
+        assert sum(retried.values()) == m["rollouts/retries"] == sum(r["attempts"] - 1 for r in rows), m
         for r in ok:
             assert 0.0 <= r["reward"] <= 1.0 and r["num_calls"] >= 1, r
         for r in failed:

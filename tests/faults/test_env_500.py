@@ -24,5 +24,6 @@ def test_500_then_recovers(tmp_path: Path, tiny_model: Path, envs: Any, fault: s
     assert sum(len(v) for v in env.events()["injected"].values()) == 4  # every injected 500 happened
     assert all(m["rollouts/failed"] == 0 for m in run.metrics), run.failures()  # recovered: nothing failed
     assert [m["rollouts/retries"] for m in run.metrics] == [retries, 0]
+    assert run.metrics[0].get("retries/unavailable", 0) == retries  # a 5xx is retried as "unavailable"
     retried = [r for r in run.dump(1) if r["attempts"] > 1]
     assert [r["rollout_id"].endswith(".1") for r in retried] == [True] * retries

@@ -27,6 +27,7 @@ def test_env_killed_mid_rollout_then_restarted(tmp_path: Path, tiny_model: Path,
     step1 = run.dump(1)
     retried = [r for r in step1 if r["attempts"] > 1]
     assert retried and run.metrics[0]["rollouts/retries"] >= len(retried)
+    assert run.metrics[0]["retries/unavailable"] == run.metrics[0]["rollouts/retries"]  # by kind
     # every rollout the killed env held was retried under a new id and finished on the new process
     for r in step1:
         first_id = r["rollout_id"].split(".")[0]
