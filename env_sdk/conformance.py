@@ -227,6 +227,9 @@ class Conformance:
         async def terminal() -> str:
             st = await self.wait_terminal(http, main_rid, self.deadline_s)
             _expect(st.status is not None, "terminal status without a status object")
+            if st.status is not None and not st.status.ok:
+                raise CheckFailed(f"the rollout failed: code {st.status.code} {st.status.message!r} (does the env "
+                                  "need a real task? pass one with --task FILE)")
             if st.reward is not None:
                 _expect(0.0 <= st.reward <= 1.0, f"reward {st.reward} outside [0, 1]")
             calls = (self.model_calls or Counter()).get(main_rid, 0)

@@ -294,15 +294,15 @@ class _EnvServer:
 
     async def _run(self, r: _Rollout) -> None:
         req = r.request
-        task = RolloutTask(
-            messages=[m.model_dump(exclude_none=True) for m in req.messages or ()],
-            tools=req.tools,
-            metadata=req.metadata,
-            completion_params=dict(req.completion_params),
-            task_metadata=dict(req.task_metadata or {}),
-        )
         timeout = asyncio.timeout(r.deadline_s)
         try:
+            task = RolloutTask(
+                messages=[m.model_dump(exclude_none=True) for m in req.messages or ()],
+                tools=req.tools,
+                metadata=req.metadata,
+                completion_params=dict(req.completion_params),
+                task_metadata=dict(req.task_metadata or {}),
+            )
             async with timeout:
                 result = await self.agent(task, self.model_client(req))
             status = _result_status(result)
@@ -319,7 +319,7 @@ class _EnvServer:
             else:
                 status = StatusResponse(terminated=True, info={}, status=Status.error(
                     StatusCode.DEADLINE_EXCEEDED, f"rollout exceeded its deadline of {r.deadline_s:g}s"))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in an agent or tool ends its rollout, not the server
             status = self._crash(r, exc)
         if r.cancel_requested and status.status is not None and status.status.code != StatusCode.CANCELLED:
             status = StatusResponse(terminated=True, info={},

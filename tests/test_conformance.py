@@ -98,3 +98,35 @@ def test_broken_server_fails_naming_the_checks(capsys: pytest.CaptureFixture[str
     assert "malformed JSON: HTTP 500" in details["bad body -> 4xx + message"]
     assert "failed:" in captured.err and "unknown id -> 404" in captured.err
     assert "bearer token -> 401" in captured.err  # with --token, a server that ignores it fails
+
+
+def test_task_file_is_sent_to_the_env(tmp_path: Any) -> None:
+    """An env that needs a real task gets it from --task."""
+    seen: list[dict[str, Any]] = []
+
+    async def picky(task: RolloutTask, client: openai.AsyncOpenAI) -> float:
+        seen.append(task.task_metadata)
+        if "table" not in task.task_metadata:
+            raise ValueError("task_metadata.table is required")
+        return 1.0
+
+    task_file = tmp_path / "task.json"
+    task_file.write_text('{"task_metadata": {"table": "users"}, "messages": [{"role": "user", "content": "count"}]}')
+    with serve_app(create_env_app(picky)) as url:
+        assert main([url, "--task", str(task_file)]) == 0
+        results = asyncio.run(run_conformance(url))  # without the task, the rollouts crash
+    assert {"table": "users"} in seen
+    failed = {r.name: r.detail for r in results if r.outcome == FAIL}
+    assert list(failed) == ["terminal state reached"]
+    assert "code 13 'ValueError: task_metadata.table is required'" in failed["terminal state reached"]
+    assert "--task" in failed["terminal state reached"]
+
+
+@pytest.mark.parametrize(("content", "message"), [("{oops", "Expecting"), ("[1]", "must hold a JSON object")])
+def test_bad_task_file_is_explained(tmp_path: Any, capsys: pytest.CaptureFixture[str], content: str,
+                                    message: str) -> None:
+    task_file = tmp_path / "task.json"
+    task_file.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        main(["http://127.0.0.1:9", "--task", str(task_file)])
+    assert info.value.code == 2 and message in capsys.readouterr().err

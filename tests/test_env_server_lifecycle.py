@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -123,17 +124,23 @@ async def test_crash_in_agent_is_a_terminal_error_and_the_server_keeps_serving()
     async def agent(task: RolloutTask, client: openai.AsyncOpenAI) -> float:
         if task.metadata.rollout_id == "bad":
             raise KeyError("no such column 'price'")
+        if task.metadata.rollout_id == "exits":
+            sys.exit(3)
         return 1.0
 
     with serve_app(create_env_app(agent)) as url:
         async with EnvClient(url) as env:
             await env.init(request("bad"))
             st = await env.wait("bad", deadline_s=5)
+            await env.init(request("exits"))
+            exited = await env.wait("exits", deadline_s=5)
             await env.init(request("good"))
             ok = await env.wait("good", deadline_s=5)
             health = await env.health()
     assert st.status is not None and st.status.code == StatusCode.INTERNAL
     assert st.status.message == "KeyError: \"no such column 'price'\""
+    assert exited.status is not None and exited.status.code == StatusCode.INTERNAL
+    assert exited.status.message == "SystemExit: 3"
     assert ok.reward == 1.0 and health.in_flight == 0
 
 
