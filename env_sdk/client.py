@@ -178,7 +178,8 @@ class EnvClient:
     async def wait(self, rollout_id: str, *, deadline_s: float, poll_s: float = 0.05) -> StatusResponse:
         """Until the rollout is terminal. Uses the long-poll form of /status; against a server that
         answers at once (no long-poll), polls with backoff from poll_s up to 1 s.
-        Raises WaitTimeoutError after deadline_s."""
+        Raises WaitTimeoutError after deadline_s. Each waiting call holds one pooled connection:
+        to wait on many rollouts, use `wait_many` (one request for all of them)."""
         end = time.monotonic() + deadline_s
         delay = poll_s
         while True:
