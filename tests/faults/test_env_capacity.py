@@ -12,7 +12,7 @@ from tests.faults.harness import check_accounting, short_config, train_run
 
 def test_429_is_waited_out(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
     env = envs("--capacity", "2", "--delay", "0.3")  # 8 rollouts a step, 2 at a time, Retry-After: 1
-    run = train_run(short_config(tmp_path, tiny_model, [env.url], rollout={"deadline_s": 20.0}))
+    run = train_run(short_config(tmp_path, tiny_model, [env.url], steps=1, rollout={"deadline_s": 20.0}))
     assert run.error is None, run.error
     check_accounting(run)
     assert run.failures() == {}

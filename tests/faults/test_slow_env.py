@@ -14,7 +14,8 @@ DEADLINE_S = 3.0
 
 def test_slow_env_does_not_hold_the_step(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
     slow, fast = envs("--delay", "60"), envs()
-    run = train_run(short_config(tmp_path, tiny_model, [slow.url, fast.url], rollout={"deadline_s": DEADLINE_S}))
+    run = train_run(short_config(tmp_path, tiny_model, [slow.url, fast.url], steps=1,
+                                 rollout={"deadline_s": DEADLINE_S}))
     assert run.error is None, run.error
     check_accounting(run)
     rollouts = run.rollouts()
