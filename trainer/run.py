@@ -239,7 +239,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step_*[0-9]") if (p / STATE_FILE).is_file())
     return found[-1] if found else None
 
 
@@ -261,11 +261,19 @@ def save_checkpoint(run_dir: Path, step: int, learner: Any, stream: TaskStream) 
     return final
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity (dropped) for a blank line or one torn by a kill mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _truncate_logs(run_dir: Path, step: int) -> None:
     """Forget what steps after `step` wrote (they are redone after a resume)."""
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
     for dump in (run_dir / "rollouts").glob("step_*.jsonl"):
         if int(dump.stem.split("_")[1]) > step:
