@@ -68,6 +68,10 @@ def test_sigkill_mid_step_and_between_steps_then_resume(tmp_path: Path, tiny_mod
     finally:
         proc.kill()
 
+    # a kill can also land in the middle of writing a metrics line: the resume must shrug it off
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "reward/mean": 0.')
+
     # 3. resumed to the end
     proc = openrft("train", str(cfg_path), "--resume", log=log)
     assert proc.wait(120) == 0, log.read_text()
