@@ -7,9 +7,10 @@ A lifecycle is: POST /init, then status until terminal. Modes:
   poll   each rollout waits on its own `GET /status` (long-poll `wait_s`; the bare app answers at once)
   batch  one collector long-polls `POST /status/batch` for every rollout in flight (openrft only)
 
-The server runs in its own process (uvicorn, one worker), pinned to a different core than this
+Each server runs in its own process (uvicorn, one worker), pinned to a different core than this
 client where the machine has two; both processes' CPU use is reported, since at high concurrency
-the client saturates first. The "bare" server is the floor: FastAPI validating the same
+the client saturates first. Rows run interleaved (openrft poll, bare poll, openrft batch, again)
+so that other load on the machine hits both alike. The "bare" server is the floor: FastAPI validating the same
 InitRequest and answering /init and /status from a dict, nothing else.
 """
 
@@ -139,16 +140,20 @@ class Cell:
     wall: float = 0.0
     init_ms: list[float] = field(default_factory=list)
     life_ms: list[float] = field(default_factory=list)
-    client_cpu: float = 0.0
-    server_cpu: float = 0.0
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.done / self.wall if self.wall else 0.0
 
-    def cpu_ms(self, share: float) -> float:
+    def share(self, cpu_s: float) -> float:
+        """Fraction of one core used while measuring."""
+        return cpu_s / self.wall if self.wall else float("nan")
+
+    def per_lifecycle_ms(self, cpu_s: float) -> float:
         """CPU milliseconds per lifecycle: robust to a machine shared with other work."""
-        return share * 1000 / self.rate if self.rate else float("nan")
+        return cpu_s * 1000 / self.done if self.done else float("nan")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -225,28 +230,41 @@ async def run_cell(env: EnvClient, cell: Cell, duration: float, linger_s: float,
             await asyncio.gather(collecting, return_exceptions=True)
 
 
-async def measure(server: str, url: str, pid: int, modes: list[str], levels: list[int], duration: float,
+#: Cells run interleaved, round after round, so that load from elsewhere on the machine hits
+#: openrft and the bare floor alike.
+PLAN = [("openrft", "poll"), ("bare", "poll"), ("openrft", "batch")]
+
+
+async def measure(servers: dict[str, tuple[str, int]], levels: list[int], duration: float, rounds: int,
                   linger_s: float, connections: int) -> list[Cell]:
-    cells = []
-    async with EnvClient(url, max_connections=connections, timeout=60) as env:
-        for mode in modes:
-            for n in levels:
-                cell = Cell(server, mode, n)
-                await run_cell(env, cell, min(1.0, duration / 4), linger_s, measure=False)  # warm-up
-                c0, s0, t0 = time.process_time(), cpu_seconds(pid), time.perf_counter()
-                await run_cell(env, cell, duration, linger_s, measure=True)
-                cell.wall = time.perf_counter() - t0
-                cell.client_cpu = (time.process_time() - c0) / cell.wall
-                cell.server_cpu = (cpu_seconds(pid) - s0) / cell.wall
-                cells.append(cell)
-                print(f"  {server:8s} {mode:5s} {n:5d} in flight: {cell.rate:8.0f} lifecycles/s", flush=True)
-    return cells
+    cells = {(server, mode, n): Cell(server, mode, n) for n in levels for server, mode in PLAN}
+    envs = {name: EnvClient(url, max_connections=connections, timeout=60) for name, (url, _) in servers.items()}
+    try:
+        for n in levels:
+            for r in range(rounds):
+                for server, mode in PLAN:
+                    cell, env, pid = cells[(server, mode, n)], envs[server], servers[server][1]
+                    if r == 0:
+                        await run_cell(env, cell, min(1.0, duration / 4), linger_s, measure=False)  # warm-up
+                    c0, s0, t0 = time.process_time(), cpu_seconds(pid), time.perf_counter()
+                    await run_cell(env, cell, duration / rounds, linger_s, measure=True)
+                    cell.wall += time.perf_counter() - t0
+                    cell.client_cpu_s += time.process_time() - c0
+                    cell.server_cpu_s += cpu_seconds(pid) - s0
+            for server, mode in PLAN:
+                c = cells[(server, mode, n)]
+                print(f"  {server:8s} {mode:5s} {n:5d} in flight: {c.rate:8.0f} lifecycles/s", flush=True)
+    finally:
+        for env in envs.values():
+            await env.aclose()
+    return list(cells.values())
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--inflight", type=int, nargs="+", default=[1, 64, 1024])
-    p.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds measured per row, over all rounds")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per in-flight level")
     p.add_argument("--stack", choices=sorted(STACKS), default="plain",
                    help="server's uvicorn stack: plain = h11 + asyncio, fast = httptools + uvloop")
     p.add_argument("--linger", type=float, default=0.01, help="linger_s of the batch mode's long-polls")
@@ -259,13 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _pin(0)
-    cells: list[Cell] = []
-    for server, modes in [("openrft", ["poll", "batch"]), ("bare", ["poll"])]:
-        proc, url = start_server(server, args.stack)
-        try:
-            cells += asyncio.run(measure(server, url, proc.pid, modes, args.inflight, args.duration, args.linger,
-                                         args.connections))
-        finally:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        servers = {}
+        for name in ("openrft", "bare"):
+            procs[name], url = start_server(name, args.stack)
+            servers[name] = (url, procs[name].pid)
+        cells = asyncio.run(measure(servers, args.inflight, args.duration, args.rounds, args.linger,
+                                    args.connections))
+    finally:
+        for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=20)
 
@@ -278,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in cells:
         table.add_row(c.server, c.mode, str(c.inflight), f"{c.rate:.0f}", f"{pct(c.init_ms, 0.5):.2f}",
                       f"{pct(c.init_ms, 0.99):.2f}", f"{pct(c.life_ms, 0.5):.2f}", f"{pct(c.life_ms, 0.99):.2f}",
-                      f"{c.client_cpu:.0%}", f"{c.server_cpu:.0%}", f"{c.cpu_ms(c.client_cpu):.2f}",
-                      f"{c.cpu_ms(c.server_cpu):.2f}")
+                      f"{c.share(c.client_cpu_s):.0%}", f"{c.share(c.server_cpu_s):.0%}",
+                      f"{c.per_lifecycle_ms(c.client_cpu_s):.2f}", f"{c.per_lifecycle_ms(c.server_cpu_s):.2f}")
     console = Console()
     console.print(table)
     by = {(c.server, c.mode, c.inflight): c for c in cells}
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         o, b, ob = by[("openrft", "poll", n)], by[("bare", "poll", n)], by[("openrft", "batch", n)]
         console.print(f"in flight {n:5d}: lifecycles/s openrft/bare (poll) = {o.rate / b.rate:.2f}, "
                       f"openrft batch/bare poll = {ob.rate / b.rate:.2f}; server CPU per lifecycle "
-                      f"openrft/bare = {o.cpu_ms(o.server_cpu) / b.cpu_ms(b.server_cpu):.2f}")
+                      f"openrft/bare = {o.per_lifecycle_ms(o.server_cpu_s) / b.per_lifecycle_ms(b.server_cpu_s):.2f}")
     return 0
 
 
