@@ -54,6 +54,8 @@ RETRYABLE_CODES = frozenset(
 DOWN_FOR_S = 10.0
 #: How long an env that stayed at capacity (429/503) or failed (5xx) is skipped.
 BUSY_FOR_S = 2.0
+#: How long a POST /cancel may take before its env counts as down (it holds a step past the deadline).
+CANCEL_TIMEOUT_S = 2.0
 #: How often a down env's /health is tried while every env is down.
 REVIVE_POLL_S = 0.5
 #: Final failure codes that mean the env side is broken (unreachable, 5xx, at capacity through the
@@ -615,11 +617,14 @@ class RolloutScheduler:
                     fut.cancel()
 
     async def _cancel(self, slot: EnvSlot, rid: str) -> None:
-        """Best effort, bounded: the env may be gone."""
+        """Best effort, bounded: the env may be gone. One that does not even answer this (frozen,
+        or gone) is taken out of rotation, so the next rollouts do not wait out their deadline there."""
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
                 await slot.client.cancel(rid)
-        except (EnvError, OSError, TimeoutError):
+        except (EnvUnreachableError, TimeoutError):
+            self.pool.mark_down(slot)
+        except (EnvError, OSError):
             pass
 
 
