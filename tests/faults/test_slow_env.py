@@ -29,3 +29,32 @@ def test_slow_env_does_not_hold_the_step(tmp_path: Path, tiny_model: Path, envs:
         assert m["time/step"] < DEADLINE_S + 4.0, m["time/step"]  # not the slow env's 60 s
         assert m["groups/trained"] + m["groups/all_equal"] >= 1
     assert slow.in_flight() == 0  # the slow env was told to stop (POST /cancel)
+
+
+def test_frozen_env_is_taken_out_of_rotation(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
+    """The slowest env of all: SIGSTOPped mid-run, its sockets open but nothing answers, not even
+    /cancel. Its rollouts end at the deadline; since it did not answer the cancel either, it is
+    skipped from then on, and the next step runs entirely on the live env, at full speed."""
+    import os
+    import signal
+
+    from tests.faults.harness import start_run, wait_until
+
+    frozen, live = envs("--delay", "0.5"), envs()
+    thread, run = start_run(short_config(tmp_path, tiny_model, [frozen.url, live.url], steps=2,
+                                         rollout={"deadline_s": DEADLINE_S}))
+    try:
+        wait_until(lambda: frozen.in_flight() >= 1, 60, "rollouts on the env to freeze")
+        assert frozen.proc is not None
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        thread.join(60)
+    finally:
+        if frozen.proc is not None:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+    assert not thread.is_alive() and run.error is None, run.error
+    check_accounting(run)
+    step1, step2 = run.dump(1), run.dump(2)
+    assert {r["env_url"] for r in step1 if r["status"]["code"] == 4} == {frozen.url}
+    assert all(r["env_url"] == live.url and r["reward"] is not None for r in step2)  # out of rotation
+    assert run.metrics[0]["time/step"] < DEADLINE_S + 3.0  # the deadline, plus the unanswered cancel's 2 s
+    assert run.metrics[1]["time/step"] < DEADLINE_S
