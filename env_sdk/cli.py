@@ -153,7 +153,8 @@ def env_main(argv: list[str]) -> int:
         return _serve_workers(args, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("env_sdk").setLevel(args.log_level.upper())
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Rollouts are logged by env_sdk with their ids; uvicorn's line per request only at debug.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
     return 0
 
 
