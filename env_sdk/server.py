@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import httpx
 import openai
@@ -104,7 +104,7 @@ class AgentResult:
     termination_reason: str | None = None
 
 
-Agent = Callable[[RolloutTask, openai.AsyncOpenAI], Awaitable[Union[AgentResult, float, None]]]
+Agent = Callable[[RolloutTask, openai.AsyncOpenAI], Awaitable[AgentResult | float | None]]
 
 
 @dataclass

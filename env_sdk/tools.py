@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Union, get_type_hints
+from typing import Any, get_type_hints
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -24,9 +24,9 @@ from env_sdk.server import Agent, AgentResult, RolloutTask
 
 Evaluator = Callable[
     [RolloutTask, list[dict[str, Any]]],
-    Union[EvaluationResult, float, None, Awaitable[Union[EvaluationResult, float, None]]],
+    EvaluationResult | float | None | Awaitable[EvaluationResult | float | None],
 ]
-ToolsArg = Union[Sequence[Callable[..., Any]], Callable[[RolloutTask], Sequence[Callable[..., Any]]]]
+ToolsArg = Sequence[Callable[..., Any]] | Callable[[RolloutTask], Sequence[Callable[..., Any]]]
 
 
 class ToolError(Exception):
