@@ -197,8 +197,11 @@ class Conformance:
             if not self.token:
                 return "skip: no --token given"
             for label, headers in [("no token", {}), ("wrong token", {"Authorization": "Bearer not-the-token"})]:
-                for method, path, kw in [("POST", "/init", {"json": self.body(self.rid("auth"))}),
-                                         ("GET", "/status", {"params": {"rollout_id": main_rid}})]:
+                probes: list[tuple[str, str, dict[str, Any]]] = [
+                    ("POST", "/init", {"json": self.body(self.rid("auth"))}),
+                    ("GET", "/status", {"params": {"rollout_id": main_rid}}),
+                ]
+                for method, path, kw in probes:
                     async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30) as anon:
                         resp = await anon.request(method, path, **kw)
                     _expect(resp.status_code == 401, f"{method} {path} with {label}: HTTP {resp.status_code}, "
@@ -256,9 +259,12 @@ class Conformance:
 
         async def bad_body() -> str:
             seen = []
-            for label, kw in [("malformed JSON", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
-                              ("missing metadata", {"json": {"messages": []}}),
-                              ("wrong type", {"json": {**self.body(self.rid("bad")), "messages": "hello"}})]:
+            cases: list[tuple[str, dict[str, Any]]] = [
+                ("malformed JSON", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+                ("missing metadata", {"json": {"messages": []}}),
+                ("wrong type", {"json": {**self.body(self.rid("bad")), "messages": "hello"}}),
+            ]
+            for label, kw in cases:
                 resp = await http.post("/init", **kw)
                 _expect(400 <= resp.status_code < 500, f"{label}: HTTP {resp.status_code}, expected 4xx")
                 _expect(resp.status_code not in (401, 403, 404, 429), f"{label}: HTTP {resp.status_code}")

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from env_sdk.models import (
     PROTOCOL_VERSION,
     CancelResponse,
     ErrorResponse,
+    FieldError,
     Health,
     InitRequest,
     InitResponse,
@@ -120,8 +121,9 @@ class _Rollout:
 
 
 def _json_error(status_code: int, detail: str, errors: list[dict[str, str]] | None = None,
-                headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(detail=detail, errors=errors).model_dump(exclude_none=True)
+                headers: Mapping[str, str] | None = None) -> JSONResponse:
+    fields = [FieldError(**e) for e in errors] if errors else None
+    body = ErrorResponse(detail=detail, errors=fields).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
@@ -165,7 +167,7 @@ class _ProtocolMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_header(message: dict[str, Any]) -> None:
+        async def send_with_header(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-openrft-protocol", PROTOCOL_VERSION.encode())]
             await send(message)

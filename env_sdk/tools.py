@@ -188,7 +188,7 @@ def tool_agent(
         reason = "max_turns"
         while turns < max_turns:
             turns += 1
-            response = await client.chat.completions.create(messages=messages, **kwargs)
+            response = await client.chat.completions.create(messages=messages, **kwargs)  # type: ignore[arg-type]
             choice = response.choices[0]
             messages.append(choice.message.model_dump(exclude_none=True))
             if not choice.message.tool_calls:
