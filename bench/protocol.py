@@ -33,7 +33,7 @@ import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from env_sdk import EnvClient, InitRequest, RolloutMetadata  # noqa: E402
+from env_sdk import EnvClient, InitRequest, Message, RolloutMetadata  # noqa: E402
 
 # --- servers --------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ _ids = itertools.count()
 
 def make_request(rid: str) -> InitRequest:
     md = RolloutMetadata(invocation_id="bench", experiment_id="bench", rollout_id=rid, run_id="bench", row_id="0")
-    return InitRequest(metadata=md, messages=[{"role": "user", "content": "noop"}],
+    return InitRequest(metadata=md, messages=[Message(role="user", content="noop")],
                        completion_params={"model": "policy"})
 
 
