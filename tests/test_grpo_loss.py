@@ -188,3 +188,53 @@ def test_adapter_and_state_round_trip(tiny_model: Path, tmp_path: Path) -> None:
     learner.train_step(samples)
     other.train_step(samples)
     assert flat(other.logprobs(samples)) == pytest.approx(flat(learner.logprobs(samples)), abs=1e-6)
+
+
+def _grouped_samples(learner, seed: int = 0) -> list[Sample]:
+    """GRPO-shaped samples: 3 prompts of different lengths, 3-4 completions each (one completion
+    repeats another's first tokens), plus a multi-turn sample whose second prompt is masked."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(10, 200, (n,), generator=g).tolist()  # noqa: E731
+    out = []
+    for p_len, n in ((7, 4), (15, 3), (4, 3)):
+        prompt = rand(p_len)
+        completions = [rand(int(torch.randint(2, 9, (1,), generator=g))) for _ in range(n)]
+        completions[1] = completions[0][:2] + completions[1]
+        for k, c in enumerate(completions):
+            out.append(Sample(prompt + c, [0] * p_len + [1] * len(c), [0.0] * (p_len + len(c)),
+                              advantage=float(k) - 1.0))
+    turn1, tool, turn2 = rand(3), rand(5), rand(4)
+    prompt = out[0].input_ids[:7]
+    out.append(Sample(prompt + turn1 + tool + turn2, [0] * 7 + [1] * 3 + [0] * 5 + [1] * 4, [0.0] * 19, advantage=0.5))
+    for s, lp in zip(out, learner.logprobs(out)):
+        s.old_logprobs = [0.0] * len(s.input_ids)
+        k = 0
+        for i, m in enumerate(s.loss_mask):
+            if m:
+                s.old_logprobs[i] = lp[k]
+                k += 1
+    return out
+
+
+def test_shared_prefix_is_exact(tiny_model: Path) -> None:
+    """Same logprobs and the same gradient as whole sequences, however the runs are packed
+    (one run per micro-batch, or every run left-padded into one)."""
+    from trainer.learner import plan_prefix_runs
+
+    grads = []
+    for share, mbs in ((False, 4), (True, 4), (True, 16)):
+        learner = make_learner(tiny_model, share_prefix=share, micro_batch_size=mbs)
+        samples = _grouped_samples(learner)
+        if share:
+            runs = plan_prefix_runs(samples)
+            assert sorted(len(m) for m, _ in runs) == [3, 3, 5]  # each prompt's group (+ the multi-turn one)
+            assert sorted(shared for _, shared in runs) == [3, 6, 14]  # the prompt minus its last token
+        batches = learner._micro_batches(samples, [1.0 / 20] * len(samples))
+        assert all((b.prefix_ids is not None) == share for b in batches)
+        assert sum(b.input_ids.shape[0] for b in batches) == len(samples)
+        learner.model.train()
+        _, totals = learner._backward(batches, [None] * len(batches))
+        assert totals["abs_logprob_diff"] / totals["tokens"] < 1e-5  # recomputed = recorded logprobs
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.requires_grad]))
+    assert grads[0].abs().max() > 1e-3
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)

@@ -74,6 +74,11 @@ class GrpoConfig(_Section):
     )
     epochs: int = Field(default=1, ge=1, description="optimizer steps over each step's samples")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward pass")
+    share_prefix: bool = Field(
+        default=True,
+        description="compute the prompt a group's rollouts share once per micro-batch (exact; saves most "
+        "of the learner's work when prompts are longer than completions)",
+    )
 
 
 class RolloutConfig(_Section):

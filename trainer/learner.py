@@ -41,14 +41,65 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    first: int  # first target position with a sampled token in this micro-batch
-    targets: torch.Tensor  # [B, T - first]  token ids at positions first..T-1
-    mask: torch.Tensor  # [B, T - first]
-    old_logprobs: torch.Tensor  # [B, T - first]
+    """One micro-batch. Without a shared prefix, `input_ids` are whole sequences (start = 0).
+    With one, each row is the suffix of its sequence after its run's shared prefix; the prefixes
+    (one row per run, left padded) are run once and their KV cache is fanned out to the rows."""
+
+    input_ids: torch.Tensor  # [B, S] right padded
+    attention_mask: torch.Tensor  # [B, S]
+    cut: int  # logits are needed from suffix position `cut` on (it predicts position cut + 1)
+    targets: torch.Tensor  # [B, S - cut - 1]  the tokens at suffix positions cut+1 .. S-1
+    mask: torch.Tensor  # [B, S - cut - 1]
+    old_logprobs: torch.Tensor  # [B, S - cut - 1]
     advantages: torch.Tensor  # [B]
     weights: torch.Tensor  # [B]
+    prefix_ids: torch.Tensor | None = None  # [R, L] left padded shared prefixes
+    prefix_mask: torch.Tensor | None = None  # [R, L]
+    row_run: torch.Tensor | None = None  # [B] which prefix each row continues
+    start: torch.Tensor | None = None  # [B] absolute position of each row's first suffix token
+
+
+def _first_loss_position(sample: Sample) -> int:
+    """Index of the first sampled token (>= 1: position 0 has nothing before it)."""
+    for i in range(1, len(sample.loss_mask)):
+        if sample.loss_mask[i]:
+            return i
+    return len(sample.loss_mask)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_prefix_runs(samples: list[Sample]) -> list[tuple[list[int], int]]:
+    """Group samples into runs sharing a token prefix that holds no sampled token: the rollouts of
+    a GRPO group share their prompt. Returns (sample indices, shared length L) per run; L is at
+    most each member's first sampled position - 1, so every logit the loss needs is computed in
+    the per-row suffix pass. A sample joins the current run only if it shares the run's whole
+    prefix (so one odd sample never shrinks a group's sharing)."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].input_ids)
+    runs: list[tuple[list[int], int]] = []
+    for i in order:
+        s = samples[i]
+        cap = _first_loss_position(s) - 1
+        if runs:
+            members, shared = runs[-1]
+            head = samples[members[0]].input_ids
+            together = min(_common_prefix(head, s.input_ids), cap)
+            if len(members) == 1:
+                together = min(together, _first_loss_position(samples[members[0]]) - 1)
+                if together >= 1:
+                    runs[-1] = (members + [i], together)
+                    continue
+            elif together >= shared:
+                members.append(i)
+                continue
+        runs.append(([i], cap))
+    return runs
 
 
 class Learner:
@@ -99,44 +150,95 @@ class Learner:
 
     # --- batching -------------------------------------------------------------------------
 
-    def _collate(self, samples: list[Sample], weights: list[float]) -> _Batch:
-        T = max(len(s.input_ids) for s in samples)
+    def _collate(self, samples: list[Sample], weights: list[float], shared: list[int] | None = None,
+                 runs: list[int] | None = None) -> _Batch:
+        """Pad a micro-batch. `shared[r]` is run r's shared prefix length and `runs[i]` the run of
+        sample i (None: no sharing, whole sequences)."""
+        starts = [shared[runs[i]] for i in range(len(samples))] if shared is not None and runs is not None else [0] * len(samples)
+        suffixes = [s.input_ids[st:] for s, st in zip(samples, starts)]
+        S = max(len(x) for x in suffixes)
         B = len(samples)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, T), dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.float32)
-        old = torch.zeros((B, T), dtype=torch.float32)
-        for i, s in enumerate(samples):
-            n = len(s.input_ids)
-            ids[i, :n] = torch.tensor(s.input_ids)
+        ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, S), dtype=torch.long)
+        mask = torch.zeros((B, S), dtype=torch.float32)
+        old = torch.zeros((B, S), dtype=torch.float32)
+        for i, (s, st) in enumerate(zip(samples, starts)):
+            n = len(s.input_ids) - st
+            ids[i, :n] = torch.tensor(suffixes[i])
             attn[i, :n] = 1
-            mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
-            old[i, :n] = torch.tensor(s.old_logprobs, dtype=torch.float32)
-        mask[:, 0] = 0.0  # the first token has no preceding position to predict it from
+            mask[i, :n] = torch.tensor(s.loss_mask[st:], dtype=torch.float32)
+            old[i, :n] = torch.tensor(s.old_logprobs[st:], dtype=torch.float32)
+        mask[:, 0] = 0.0  # a suffix's first token is predicted by the prefix pass / nothing: never a target
         nonzero = mask.any(dim=0).nonzero()
-        first = int(nonzero[0]) if len(nonzero) else T - 1
+        cut = int(nonzero[0]) - 1 if len(nonzero) else S - 2
         dev = self.device
-        return _Batch(
-            input_ids=ids.to(dev), attention_mask=attn.to(dev), first=first,
-            targets=ids[:, first:].to(dev), mask=mask[:, first:].to(dev), old_logprobs=old[:, first:].to(dev),
+        batch = _Batch(
+            input_ids=ids.to(dev), attention_mask=attn.to(dev), cut=cut,
+            targets=ids[:, cut + 1 :].to(dev), mask=mask[:, cut + 1 :].to(dev), old_logprobs=old[:, cut + 1 :].to(dev),
             advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=dev),
             weights=torch.tensor(weights, dtype=torch.float32, device=dev),
         )
+        if shared is not None and runs is not None:
+            L = max(shared)
+            prefix_ids = torch.full((len(shared), L), self.pad_id, dtype=torch.long)
+            prefix_mask = torch.zeros((len(shared), L), dtype=torch.long)
+            head = {r: samples[i] for i, r in reversed(list(enumerate(runs)))}
+            for r, n in enumerate(shared):
+                prefix_ids[r, L - n :] = torch.tensor(head[r].input_ids[:n])
+                prefix_mask[r, L - n :] = 1
+            batch.prefix_ids, batch.prefix_mask = prefix_ids.to(dev), prefix_mask.to(dev)
+            batch.row_run = torch.tensor(runs, device=dev)
+            batch.start = torch.tensor(starts, device=dev)
+        return batch
 
     def _logprobs(self, batch: _Batch) -> torch.Tensor:
-        """[B, T - first]: logprob of each target token (temperature 1, raw logits)."""
-        T = batch.input_ids.shape[1]
-        keep = T - batch.first + 1  # positions first-1 .. T-1; the last predicts past the end
-        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
+        """[B, S - cut - 1]: logprob of each target token (temperature 1, raw logits)."""
+        S = batch.input_ids.shape[1]
+        keep = S - batch.cut  # suffix positions cut .. S-1; the last one predicts past the end
+        if batch.prefix_ids is None:
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                             use_cache=False)
+        else:
+            assert batch.prefix_mask is not None and batch.row_run is not None and batch.start is not None
+            positions = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            prefix = self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions,
+                                use_cache=True, logits_to_keep=1)
+            cache = prefix.past_key_values
+            cache.batch_select_indices(batch.row_run)  # each row continues its run's prefix
+            mask = torch.cat([batch.prefix_mask[batch.row_run], batch.attention_mask], dim=1)
+            positions = batch.start[:, None] + torch.arange(S, device=batch.start.device)[None, :]
+            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
         logits = out.logits[:, :-1].float()
         picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
     def _micro_batches(self, samples: list[Sample], weights: list[float]) -> list[_Batch]:
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
         size = self.grpo.micro_batch_size
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return [self._collate([samples[i] for i in c], [weights[i] for i in c]) for c in chunks]
+        if not self.grpo.share_prefix:
+            order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+            chunks = [order[i : i + size] for i in range(0, len(order), size)]
+            return [self._collate([samples[i] for i in c], [weights[i] for i in c]) for c in chunks]
+        # runs of samples sharing a prefix, split to fit, then packed into micro-batches
+        pieces: list[tuple[list[int], int]] = []
+        for members, shared in plan_prefix_runs(samples):
+            pieces += [(members[i : i + size], shared) for i in range(0, len(members), size)]
+        batches: list[_Batch] = []
+        current: list[tuple[list[int], int]] = []
+        for piece in pieces + [([], 0)]:
+            if piece[0] and sum(len(m) for m, _ in current) + len(piece[0]) <= size:
+                current.append(piece)
+                continue
+            if current:
+                index = [i for m, _ in current for i in m]
+                runs = [r for r, (m, _) in enumerate(current) for _ in m]
+                plain = any(shared < 1 for _, shared in current)  # nothing to share: whole sequences
+                batches.append(self._collate(
+                    [samples[i] for i in index], [weights[i] for i in index],
+                    None if plain else [shared for _, shared in current], None if plain else runs,
+                ))
+            current = [piece]
+        return batches
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample], *, adapter: bool = True) -> list[list[float]]:
@@ -144,7 +246,7 @@ class Learner:
         self.model.eval()
         result: list[list[float]] = []
         for s in samples:
-            batch = self._collate([s], [0.0])
+            batch = self._collate([s], [0.0])  # whole sequence, no sharing: the reference computation
             if adapter:
                 lp = self._logprobs(batch)
             else:
@@ -154,6 +256,22 @@ class Learner:
         return result
 
     # --- the update -----------------------------------------------------------------------
+
+    def _backward(self, batches: list[_Batch], ref: list[torch.Tensor | None]) -> tuple[float, dict[str, float]]:
+        """Accumulate the step loss's gradient over the micro-batches; return (loss, stat sums)."""
+        g = self.grpo
+        total_loss, totals = 0.0, {}
+        for b, r in zip(batches, ref):
+            lp = self._logprobs(b)
+            loss, stats = policy_loss(
+                lp, b.old_logprobs, b.advantages, b.mask, b.weights,
+                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, ref_logprobs=r, kl_coef=g.kl_coef,
+            )
+            loss.backward()
+            total_loss += loss.item()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return total_loss, totals
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One GRPO update (grpo.epochs optimizer steps) on one step's samples."""
@@ -171,41 +289,29 @@ class Learner:
                 ref = [self._logprobs(b) for b in batches]
 
         self.model.train()
-        totals: dict[str, float] = {}
-        losses, grad_norms = [], []
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses, grad_norms, clipped = [], [], 0.0
+        first: dict[str, float] = {}
         try:
             for epoch in range(g.epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for b, r in zip(batches, ref):
-                    lp = self._logprobs(b)
-                    loss, stats = policy_loss(
-                        lp, b.old_logprobs, b.advantages, b.mask, b.weights,
-                        clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
-                        ref_logprobs=r, kl_coef=g.kl_coef,
-                    )
-                    loss.backward()
-                    step_loss += loss.item()
-                    for k, v in stats.items():
-                        key = f"{k}@0" if epoch == 0 else k
-                        totals[key] = totals.get(key, 0.0) + v
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm
-                )
+                loss, totals = self._backward(batches, ref)
+                first = first or totals
+                clipped += totals["clipped"]
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
                 self.optimizer.step()
-                losses.append(step_loss)
-                grad_norms.append(float(norm))
+                losses.append(loss)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
-        tokens = totals["tokens@0"]
+        tokens = first["tokens"]
         return {
             "loss": sum(losses) / len(losses),
-            "kl": totals["kl@0"] / tokens,
-            "clip_frac": (totals["clipped@0"] + totals.get("clipped", 0.0)) / (tokens * g.epochs),
-            "ratio": totals["ratio@0"] / tokens,
+            "kl": first["kl"] / tokens,
+            "clip_frac": clipped / (tokens * g.epochs),
+            "ratio": first["ratio"] / tokens,
             # sampling vs training logprob mismatch on the first pass (before any update)
-            "logprob_abs_diff": totals["abs_logprob_diff@0"] / tokens,
+            "logprob_abs_diff": first["abs_logprob_diff"] / tokens,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "tokens": tokens,
         }
