@@ -107,20 +107,20 @@ def make_agent(faults: Faults) -> Any:
 async def _cross_calls(faults: Faults, rid: str, own_url: str, own_key: str) -> dict[str, int]:
     """Call the gateway as other rollouts; count what was accepted (2xx) and refused (4xx)."""
     others = [(r, u, k) for r, (u, k) in faults.seen.items() if r != rid]
-    tries: list[tuple[str, str, str]] = []  # (what, url, key)
-    for other, url, key in others[:3]:
-        tries += [("their_url_own_key", url, own_key), ("own_url_their_key", own_url, key)]
+    tries: list[tuple[str, str]] = []  # (url, key): theirs with mine, mine with theirs
+    for _, url, key in others[-3:]:
+        tries += [(url, own_key), (own_url, key)]
     body = {"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     counts = {"accepted": 0, "refused": 0, "tries": 0, "logs_accepted": 0}
     async with httpx.AsyncClient(timeout=30) as http:
-        for _, url, key in tries:
+        for url, key in tries:
             resp = await http.post(url.rstrip("/") + "/chat/completions", json=body,
                                    headers={"Authorization": f"Bearer {key}"})
             counts["tries"] += 1
             counts["accepted" if resp.is_success else "refused"] += 1
-        if others:  # an eval-protocol style status push that names another rollout
+        if others:  # an eval-protocol style status push naming the latest other rollout (likely running)
             gateway = own_url.split("/v1/rollout_id/")[0]
-            push = {"status": {"code": 100, "message": "finished"}, "tags": [f"rollout_id:{others[0][0]}"]}
+            push = {"status": {"code": 100, "message": "finished"}, "tags": [f"rollout_id:{others[-1][0]}"]}
             resp = await http.post(f"{gateway}/logs", json=push, headers={"Authorization": f"Bearer {own_key}"})
             counts["logs_accepted"] += int(resp.is_success)
     return counts
