@@ -272,13 +272,13 @@ class FaultLayer:
         f = self.faults
         if f.take("spec", rid):
             return {"terminated": "soon", "status": {"code": "done"}, "reward": [1]}
-        if f.kind == "bad_rewards" and (m := _INDEX.search(rid)) and int(m.group(1)) in BAD_REWARDS:
-            if f.take("bad_rewards", rid):
-                bad = BAD_REWARDS[int(m.group(1))]
-                if bad is None:
-                    st.pop("reward", None)
-                else:
-                    st["reward"] = math.nan if bad == "NaN" else bad
+        m = _INDEX.search(rid)
+        if m and int(m.group(1)) in BAD_REWARDS and f.take("bad_rewards", rid):
+            bad = BAD_REWARDS[int(m.group(1))]
+            if bad is None:
+                st.pop("reward", None)
+            else:
+                st["reward"] = math.nan if bad == "NaN" else bad
         return st
 
 

@@ -18,7 +18,7 @@ from tests.helpers import free_port
 
 def train_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "trainer.cli", "train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
 
 
 def write_config(tmp_path: Path, dataset: Path, **extra: object) -> Path:

@@ -4,6 +4,7 @@ the end: capacity is back-pressure, not failure."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ def test_429_is_waited_out(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
     refused = {rid: answers for rid, answers in inits.items() if any(code == 429 for _, code in answers)}
     assert refused, "the env was never at capacity"
     for rid, answers in refused.items():
-        for (t_429, code), (t_next, _) in zip(answers, answers[1:]):
+        for (t_429, code), (t_next, _) in itertools.pairwise(answers):
             if code == 429:  # the next try of the same id waited for Retry-After (1 s)
                 assert t_next - t_429 >= 0.95, (rid, answers)
     started = {rid for rid, answers in inits.items() if any(code == 202 for _, code in answers)}
