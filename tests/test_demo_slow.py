@@ -19,6 +19,7 @@ from trainer.demo import DEMO_CONFIG, main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on an idle 2-core CPU; a shared one is slower
 def test_demo_trains_smollm2_and_the_adapter_serves(tmp_path: Path) -> None:
     import httpx
     import openai

@@ -155,6 +155,7 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
         after = evaluate(_eval_config(config, dataset=test_file, out=run_dir / "eval_after.json",
                                       adapter=run_dir / "adapter"))
 
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the env server, now exited
     summary = {
         "held_out_before": before.mean_reward,
         "held_out_after": after.mean_reward,
@@ -164,6 +165,7 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
         "train_cpu_s": round(train_cpu_s, 1),
         "peak_rss_mb_after_training": round(peak_train_mb),
         "peak_rss_mb": round(peak_rss_mb()),
+        "env_server_cpu_s": round(children.ru_utime + children.ru_stime, 1),
         "loadavg_1min_before_training": round(load_before[0], 2),
         "loadavg_1min_after_training": round(load_after[0], 2),
         "cpu_count": os.cpu_count(),
@@ -181,7 +183,11 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openrft demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="openrft demo",
+        description="SmolLM2-135M-Instruct learns two-digit sums against the math env (a separate process): "
+        "held-out eval, GRPO + LoRA training, eval again, report, and the command that serves the result.",
+    )
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"training config (default: {DEMO_CONFIG})")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set steps=20 optim.lr=1e-4")
