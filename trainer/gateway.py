@@ -199,10 +199,10 @@ class Gateway:
                 self._record(opened, completion)
             return completion.response
 
-        @app.post("/logs", responses={400: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
-        @app.post("/v1/logs", responses={400: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
+        @app.post("/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
+        @app.post("/v1/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
         async def logs(request: Request) -> dict[str, Any]:
-            return self._accept_log(await read_json(request))
+            return self._accept_log(await read_json(request), request.headers.get("authorization", ""))
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
@@ -256,7 +256,7 @@ class Gateway:
         record.calls.extend(calls)
         opened.last_calls = calls
 
-    def _accept_log(self, body: Any) -> dict[str, Any]:
+    def _accept_log(self, body: Any, authorization: str = "") -> dict[str, Any]:
         if not isinstance(body, dict):
             raise APIError(400, "log record must be a JSON object")
         try:
@@ -269,6 +269,13 @@ class Gateway:
         known = [rid for rid in rids if rid in self._open]
         if not known:
             raise APIError(404, f"unknown or closed rollout {rids[0]!r}", type_="not_found_error", code="rollout_not_found")
+        # No key is required here (eval-protocol sends whatever FIREWORKS_API_KEY holds), but a
+        # rollout's own key may only speak for that rollout: one env cannot end another's.
+        key = authorization.partition(" ")[2].strip()
+        owner = next((rid for rid, o in self._open.items() if key and secrets.compare_digest(o.record.api_key, key)), None)
+        if owner is not None and any(rid != owner for rid in known):
+            raise APIError(403, f"this API key is not valid for rollout {next(r for r in known if r != owner)!r}",
+                           type_="permission_error", code="invalid_api_key")
         terminal = log.status is not None and log.status.code != StatusCode.RUNNING
         if terminal:
             for rid in known:
