@@ -99,10 +99,10 @@ def _pin(core: int) -> None:
         os.sched_setaffinity(0, {core})
 
 
-def start_server(kind: str, stack: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(kind: str, stack: str, pin: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port), "--stack", stack],
-                            preexec_fn=lambda: _pin(1))
+                            preexec_fn=(lambda: _pin(1)) if pin else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", choices=sorted(STACKS), default="plain",
                    help="server's uvicorn stack: plain = h11 + asyncio, fast = httptools + uvloop")
     p.add_argument("--linger", type=float, default=0.01, help="linger_s of the batch mode's long-polls")
-    p.add_argument("--connections", type=int, default=64, help="the client's max_connections")
+    p.add_argument("--connections", type=int, default=8,
+                   help="the client's max_connections (httpx scans every pooled connection per request: few is cheaper)")
+    p.add_argument("--no-pin", action="store_true", help="let the OS place client and server (busy machines)")
     p.add_argument("--serve", choices=["openrft", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -276,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port, args.stack)
         return 0
 
-    _pin(0)
+    if not args.no_pin:
+        _pin(0)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         servers = {}
         for name in ("openrft", "bare"):
-            procs[name], url = start_server(name, args.stack)
+            procs[name], url = start_server(name, args.stack, not args.no_pin)
             servers[name] = (url, procs[name].pid)
         cells = asyncio.run(measure(servers, args.inflight, args.duration, args.rounds, args.linger,
                                     args.connections))
