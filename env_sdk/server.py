@@ -251,8 +251,8 @@ class _EnvServer:
         self.rollouts: dict[str, _Rollout] = {}
         self.running = 0
         self.draining = False
-        # Batch long-polls waiting for any of their ids to finish: (ids, future).
-        self.waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+        # Batch long-polls waiting for any of their ids to finish: future -> ids.
+        self.waiters: dict[asyncio.Future[None], frozenset[str]] = {}
         self._http: httpx.AsyncClient | None = None
 
     # --- model client ---------------------------------------------------------------------
@@ -346,7 +346,7 @@ class _EnvServer:
         elapsed = time.monotonic() - r.started
         code = status.status.code if status.status else None
         logger.info("rollout %s finished: code=%s reward=%s in %.3fs", r.rollout_id, code, status.reward, elapsed)
-        for ids, fut in self.waiters:
+        for fut, ids in self.waiters.items():
             if r.rollout_id in ids and not fut.done():
                 fut.set_result(None)
         asyncio.get_running_loop().call_later(self.result_ttl_s, self._evict, r)
@@ -357,14 +357,13 @@ class _EnvServer:
 
     async def wait_any(self, ids: frozenset[str], wait_s: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (ids, fut)
-        self.waiters.append(entry)
+        self.waiters[fut] = ids
         try:
             await asyncio.wait_for(fut, wait_s)
         except TimeoutError:
             pass
         finally:
-            self.waiters.remove(entry)
+            del self.waiters[fut]
 
 
 _RUNNING_BODY = StatusResponse(terminated=False, status=Status.running(), info={}).model_dump_json(
