@@ -1,8 +1,9 @@
 """Generation backends: what the gateway calls to turn prompt token ids into completion tokens.
 
 `TransformersBackend` serves the live model object the learner trains (a `PeftModel` or a
-plain transformers model, no copy of the weights). Concurrent `generate` calls arriving
-within a short collection window start one batch: left padding, a KV cache, and our own
+plain transformers model, no copy of the weights). Concurrent `generate` calls start one
+batch once no new call has arrived for `collect_window_s` (at most `max_collect_s` after
+the first): left padding, a KV cache, and our own
 decode loop (model forward + `past_key_values`), which gives the raw logits of every step
 and lets each row stop on its own. The batching is continuous: a row's caller gets its
 result the step it finishes, and requests arriving while a batch decodes join it at the
@@ -116,12 +117,14 @@ class TransformersBackend:
         *,
         max_batch_size: int = 64,
         collect_window_s: float = 0.01,
+        max_collect_s: float = 0.2,
         seed: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.collect_window_s = collect_window_s
+        self.max_collect_s = max_collect_s
         self.stats = BackendStats()
         self.lock = threading.Lock()
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -181,14 +184,17 @@ class TransformersBackend:
                 self._thread = threading.Thread(target=self._worker, name="openrft-generate", daemon=True)
                 self._thread.start()
 
-    def _take(self, limit: int, timeout: float | None) -> list[_Request]:
-        """Up to `limit` queued requests: wait at most `timeout` s for each (None: don't wait)."""
+    def _take(self, limit: int, gap: float | None) -> list[_Request]:
+        """Up to `limit` queued requests. gap=None: only those already queued. Otherwise keep
+        taking while the next one arrives within `gap` s of the previous, for at most
+        `max_collect_s` in all: a burst of requests (an HTTP server delivers them one by one)
+        starts as one batch, and a lone request waits only `gap`."""
         taken: list[_Request] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
+        end = time.monotonic() + self.max_collect_s
         while len(taken) < limit and not self._stopping:
+            wait = 0.0 if gap is None else min(gap, end - time.monotonic())
             try:
-                wait = None if deadline is None else deadline - time.monotonic()
-                item = self._queue.get(timeout=wait) if wait is not None and wait > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
