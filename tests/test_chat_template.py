@@ -60,6 +60,7 @@ def plain_tokenizer(tokenizer):  # type: ignore[no-untyped-def]
 
 def test_renders_with_the_models_template(tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = render_prompt(tokenizer, CONVERSATION, TOOLS)
+    assert ids == tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS, add_generation_prompt=True, return_dict=False)
     text = tokenizer.decode(ids)
     assert text == tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS, add_generation_prompt=True, tokenize=False)
     assert json.dumps(TOOLS[0]) in text

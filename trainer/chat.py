@@ -148,12 +148,13 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[di
     if has_tools and not template_supports_tools(tokenizer):
         normalized, tools = _hermes_fallback(normalized, tools), None
     try:
-        ids = tokenizer.apply_chat_template(
-            normalized, tools=tools or None, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        text = tokenizer.apply_chat_template(normalized, tools=tools or None, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja errors (e.g. a template that rejects a role order)
         raise ChatFormatError(f"messages: the chat template could not render them: {exc}", "messages") from exc
-    return list(ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer itself: same ids, without the Python wrapper's cost
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 # --- parsing ------------------------------------------------------------------------------

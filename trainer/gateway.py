@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
@@ -189,7 +190,7 @@ class Gateway:
                   openapi_extra=_json_body(ChatCompletionRequest))
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
-        ) -> dict[str, Any]:
+        ) -> JSONResponse:
             path_ids = dict(
                 rollout_id=rollout_id, invocation_id=invocation_id, experiment_id=experiment_id, run_id=run_id, row_id=row_id
             )
@@ -197,7 +198,7 @@ class Gateway:
             completion = await self.completer.complete(await read_json(request))
             if self._open.get(rollout_id) is opened:  # not closed while generating
                 self._record(opened, completion)
-            return completion.response
+            return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
 
         @app.post("/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
         @app.post("/v1/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from trainer.backend import GenerationBackend
 from trainer.completions import APIError, ChatCompleter, install_error_handlers, read_json
@@ -47,10 +48,10 @@ def create_app(
             raise APIError(401, "invalid or missing API key", type_="authentication_error", code="invalid_api_key")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> dict[str, Any]:
+    async def chat_completions(request: Request) -> JSONResponse:
         authorize(request)
         completion = await completer.complete(await read_json(request))
-        return completion.response
+        return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
