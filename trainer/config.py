@@ -163,7 +163,13 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto = bfloat16 on a CUDA card that has it, else float32. On a CPU with "
+        "avx512_bf16/AMX, bfloat16 is about 2x faster (less exact: sampling vs training logprobs differ ~1e-2)",
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        default="auto", description="auto = eager for bfloat16 on CPU (measured faster there), else the model's default",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default = torch's")
     run_dir: str = "runs/latest"
     progress: bool = True

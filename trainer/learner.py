@@ -39,6 +39,14 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+def resolve_attn_implementation(choice: str, device: str, dtype: torch.dtype) -> str | None:
+    """None = keep the model's default. On CPU in bfloat16, eager attention measured 1.25x faster
+    for the learner and 1.35x for generation than SDPA at RL sequence lengths (SmolLM2-135M)."""
+    if choice == "auto":
+        return "eager" if device == "cpu" and dtype == torch.bfloat16 else None
+    return choice
+
+
 @dataclass
 class _Batch:
     """One micro-batch. Without a shared prefix, `input_ids` are whole sequences (start = 0).
@@ -113,6 +121,7 @@ class Learner:
         max_tokens: int,
         device: str = "auto",
         dtype: str = "auto",
+        attn_implementation: str = "auto",
     ) -> None:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -124,6 +133,9 @@ class Learner:
         self.grpo = grpo
         self.max_tokens = max_tokens
         base, self.tokenizer = load_model(model_dir, device=self.device, dtype=self.dtype)
+        attn = resolve_attn_implementation(attn_implementation, self.device, self.dtype)
+        if attn is not None:
+            base.set_attn_implementation(attn)
         peft_config = PeftLoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -146,6 +158,7 @@ class Learner:
         return cls(
             config.model, lora=config.lora, optim=config.optim, grpo=config.grpo,
             max_tokens=config.sampling.max_tokens, device=config.device, dtype=config.dtype,
+            attn_implementation=config.attn_implementation,
         )
 
     # --- batching -------------------------------------------------------------------------
