@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from env_sdk.models import Message, Tool
 from trainer.backend import Generation, GenerationBackend, SamplingParams
-from trainer.chat import ChatFormatError, normalize_messages, parse_output, render_prompt
+from trainer.chat import ChatFormatError, parse_output, render_prompt
 
 
 class APIError(Exception):
@@ -156,7 +156,7 @@ class ChatCompleter:
         messages: list[dict[str, Any]] = body["messages"]  # validated above; recorded as sent
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         try:
-            prompt_ids = render_prompt(self.tokenizer, normalize_messages(messages), tools)
+            prompt_ids = render_prompt(self.tokenizer, messages, tools)
         except ChatFormatError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         stops = self._stop_strings(request)
