@@ -132,7 +132,8 @@ class InitRequest(_Open):
     api_key: str | None = None
     # openrft additions
     deadline_s: float | None = Field(
-        default=None, gt=0, description="openrft: seconds the env may spend before DEADLINE_EXCEEDED"
+        default=None, gt=0, strict=True,  # a number, never "5" or true (the schema says number)
+        description="openrft: seconds the env may spend before DEADLINE_EXCEEDED",
     )
     task_metadata: dict[str, Any] | None = Field(
         default=None, description="openrft: the dataset row's `metadata` (never its ground_truth)"
@@ -204,10 +205,12 @@ class StatusBatchRequest(BaseModel):
 
     rollout_ids: list[str] = Field(min_length=1, max_length=10_000)
     wait_s: float = Field(
-        default=0.0, ge=0, le=60, description="return as soon as one listed rollout is terminal, or after wait_s"
+        default=0.0, ge=0, le=60, strict=True,
+        description="return as soon as one listed rollout is terminal, or after wait_s",
     )
     linger_s: float = Field(
-        default=0.0, ge=0, le=1, description="after the first wakes a waiting call, gather finishes this much longer"
+        default=0.0, ge=0, le=1, strict=True,
+        description="after the first wakes a waiting call, gather finishes this much longer",
     )
 
 
