@@ -257,12 +257,11 @@ async def test_finished_results_expire_after_ttl() -> None:
     async def agent(task: RolloutTask, client: openai.AsyncOpenAI) -> float:
         return 1.0
 
-    with serve_app(create_env_app(agent, result_ttl_s=0.2)) as url:
+    with serve_app(create_env_app(agent, result_ttl_s=1.0)) as url:
         async with httpx.AsyncClient(base_url=url) as raw:
             await raw.post("/init", content=request("e").model_dump_json())
-            await asyncio.sleep(0.05)
-            kept = await raw.get("/status", params={"rollout_id": "e"})
-            await asyncio.sleep(0.4)
+            kept = await raw.get("/status", params={"rollout_id": "e", "wait_s": 5})
+            await asyncio.sleep(1.5)
             gone = await raw.get("/status", params={"rollout_id": "e"})
     assert kept.status_code == 200 and kept.json()["terminated"] is True
     assert gone.status_code == 404
