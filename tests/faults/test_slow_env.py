@@ -56,5 +56,5 @@ def test_frozen_env_is_taken_out_of_rotation(tmp_path: Path, tiny_model: Path, e
     step1, step2 = run.dump(1), run.dump(2)
     assert {r["env_url"] for r in step1 if r["status"]["code"] == 4} == {frozen.url}
     assert all(r["env_url"] == live.url and r["reward"] is not None for r in step2)  # out of rotation
-    assert run.metrics[0]["time/step"] < DEADLINE_S + 3.0  # the deadline, plus the unanswered cancel's 2 s
-    assert run.metrics[1]["time/step"] < DEADLINE_S
+    assert run.metrics[0]["time/step"] < DEADLINE_S + 5.0  # the deadline, the unanswered cancel's 2 s, slack
+    assert run.metrics[1]["time/step"] < DEADLINE_S + 1.5  # waiting there again would cost deadline + 2 s
