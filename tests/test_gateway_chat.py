@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import openai
 from openai import AsyncOpenAI, BadRequestError
 
 from env_sdk.models import RolloutMetadata
@@ -206,3 +207,18 @@ async def test_stop_strings_tool_choice_none_and_prefix_mismatch(loaded) -> None
         record = gateway.record("s1")
         assert record.prefix_mismatch  # call 2 restarted from the same prompt, not a continuation
         assert len(record.calls) == 2
+
+
+async def test_a_failing_backend_is_an_openai_style_500(loaded) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer = loaded
+
+    def broken(ids: list[int], params: SamplingParams) -> str:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    gateway = Gateway(ScriptedBackend(tokenizer, broken), tokenizer)
+    with serve_app(gateway.app) as base:
+        with pytest.raises(openai.InternalServerError) as err:
+            await client(gateway, base, "boom").chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}])
+    body = err.value.body
+    assert isinstance(body, dict) and body["type"] == "server_error" and "out of memory" in body["message"]
+    assert gateway.record("boom").calls == []

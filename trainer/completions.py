@@ -43,7 +43,7 @@ class APIError(Exception):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-style bodies for our errors and for FastAPI's own request validation."""
+    """OpenAI-style bodies for our errors, FastAPI's own request validation, and anything else (500)."""
 
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
@@ -53,8 +53,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return validation_api_error(exc.errors()).response()
 
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # e.g. the backend failed (out of memory): still an OpenAI-shaped body, which clients retry
+        return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error").response()
+
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
 
 
 def validation_api_error(errors: Any) -> APIError:
