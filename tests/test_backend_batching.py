@@ -93,6 +93,26 @@ async def test_a_group_sharing_a_prompt_is_prefilled_once(loaded) -> None:  # ty
     backend.close()
 
 
+async def test_late_group_members_copy_the_running_prompt(loaded) -> None:  # type: ignore[no-untyped-def]
+    """A request whose prompt is already running (a group member arriving late) joins without
+    a prefill: the running row's prompt KV and logits are copied."""
+    model, tokenizer = loaded
+    backend = TransformersBackend(model, tokenizer, collect_window_s=0.0)
+    shared, other = _prompts(tokenizer, 2)
+    params = [SamplingParams(max_tokens=30 - 5 * s, seed=s) for s in range(4)]
+    alone = [await backend.generate(shared, p) for p in params] + [await backend.generate(other, params[1])]
+    prefilled, calls = backend.stats.prefilled_rows, backend.stats.forward_calls
+    first = asyncio.ensure_future(backend.generate(shared, params[0]))
+    while backend.stats.forward_calls < calls + 4:
+        await asyncio.sleep(0.001)
+    late = await asyncio.gather(*(backend.generate(shared, p) for p in params[1:]), backend.generate(other, params[1]))
+    assert [g.token_ids for g in [await first, *late]] == [g.token_ids for g in alone]
+    for got, want in zip([await first, *late], alone):
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4)
+    assert backend.stats.prefilled_rows == prefilled + 2  # `shared` once, `other` once
+    backend.close()
+
+
 async def test_logprobs_match_a_full_forward_pass(loaded) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = loaded
     backend = TransformersBackend(model, tokenizer)

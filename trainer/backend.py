@@ -229,11 +229,13 @@ class TransformersBackend:
 @dataclass
 class _Row:
     request: _Request
+    prompt: tuple[int, ...]
     generator: torch.Generator | None  # per-request seed: draws independent of batch mates
     stops: frozenset[int]
     budget: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    prompt_logits: torch.Tensor | None = None  # next-token logits right after the prompt
 
 
 class _Decoder:
@@ -289,17 +291,67 @@ class _Decoder:
             pass
 
     def _admit(self, requests: list[_Request]) -> None:
-        """Prefill `requests` and add them to the running rows. Identical prompts (a GRPO
-        group's rollouts start from the same one) are prefilled once and their cache shared."""
+        """Add `requests` to the running rows. Their prompts are prefilled together, except
+        that identical prompts (a GRPO group's rollouts share one) are computed once: within
+        the joining requests, and against rows already running, whose prompt KV is copied."""
         import torch
 
         backend, device = self.backend, self.device
-        lengths = [len(r.prompt_ids) for r in requests]
+        running = {row.prompt: j for j, row in enumerate(self.rows)} if self.can_join else {}
+        fresh = [r for r in requests if tuple(r.prompt_ids) not in running]
+        copied = [r for r in requests if tuple(r.prompt_ids) in running]
+        parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]] = []
+        if fresh:
+            cache, mask, logits = self._prefill(fresh)
+            if self.cache is None:  # the batch's first rows: their cache becomes the running one
+                self.cache = cache
+                layers = getattr(cache, "layers", None)
+                # joining, sharing and trimming edit the cache tensors: plain full-attention layers only
+                self.can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+                self.mask, self.logits = mask, logits
+            else:
+                parts.append(([(layer.keys, layer.values) for layer in cache.layers], mask, logits))
+        for r in copied:
+            parts.append(self._prompt_of(running[tuple(r.prompt_ids)]))
+        backend.stats.rows += len(requests)
+        params = [r.params for r in fresh + copied]
+        rows = [
+            _Row(
+                request=r,
+                prompt=tuple(r.prompt_ids),
+                generator=torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None,
+                stops=backend.eos_token_ids | frozenset(r.params.stop_token_ids),
+                budget=min(r.params.max_tokens, backend.max_positions - len(r.prompt_ids)),
+            )
+            for r in fresh + copied
+        ]
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        next_pos = torch.tensor([len(r.prompt_ids) for r in fresh + copied], device=device)
+        if parts:
+            assert self.mask is not None and self.logits is not None
+            running_part = ([(layer.keys, layer.values) for layer in self.cache.layers], self.mask, self.logits)
+            self._concat([running_part, *parts])
+        if self.rows:
+            assert self.next_pos is not None and self.temps is not None and self.top_ps is not None
+            next_pos, temps, top_ps = torch.cat([self.next_pos, next_pos]), torch.cat([self.temps, temps]), torch.cat([self.top_ps, top_ps])
+        self.next_pos, self.temps, self.top_ps = next_pos, temps, top_ps
+        assert self.logits is not None
+        start = len(self.rows)
+        for k, row in enumerate(rows):  # what a later identical prompt copies instead of prefilling
+            row.prompt_logits = self.logits[start + k]
+        self.rows += rows
+
+    def _prefill(self, requests: list[_Request]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One forward over the distinct prompts (left-padded): (cache, mask, last logits), one row per request."""
+        import torch
+
+        backend, device = self.backend, self.device
         slot: dict[tuple[int, ...], int] = {}
         for r in requests:
             slot.setdefault(tuple(r.prompt_ids), len(slot))
         unique = list(slot)
-        width = max(lengths)
+        width = max(len(p) for p in unique)
         ids = torch.full((len(unique), width), backend.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(unique), width), dtype=torch.long)
         for i, prompt in enumerate(unique):
@@ -308,45 +360,39 @@ class _Decoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        backend.stats.forward_calls += 1
+        backend.stats.prefilled_rows += len(unique)
         logits = out.logits[:, -1, :].float()
+        cache = out.past_key_values
         if len(unique) < len(requests):
             index = torch.tensor([slot[tuple(r.prompt_ids)] for r in requests], device=device)
-            out.past_key_values.batch_select_indices(index)
+            cache.batch_select_indices(index)
             logits, mask = logits[index], mask[index]
-        backend.stats.forward_calls += 1
-        backend.stats.rows += len(requests)
-        backend.stats.prefilled_rows += len(unique)
-        params = [r.params for r in requests]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        next_pos = torch.tensor(lengths, device=device)
-        rows = [
-            _Row(
-                request=r,
-                generator=torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None,
-                stops=backend.eos_token_ids | frozenset(r.params.stop_token_ids),
-                budget=min(r.params.max_tokens, backend.max_positions - len(r.prompt_ids)),
-            )
-            for r in requests
-        ]
-        if self.cache is None:
-            self.cache, self.mask, self.next_pos, self.logits = out.past_key_values, mask, next_pos, logits
-            self.temps, self.top_ps, self.rows = temps, top_ps, rows
-            # joining and trimming edit the cache tensors: only for plain full-attention layers
-            layers = getattr(self.cache, "layers", None)
-            self.can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-            return
-        assert self.mask is not None and self.next_pos is not None and self.logits is not None
-        assert self.temps is not None and self.top_ps is not None
-        total = max(self.mask.shape[1], width)
-        for old, new in zip(self.cache.layers, out.past_key_values.layers):
-            old.keys = torch.cat([_left_pad(old.keys, total, dim=2), _left_pad(new.keys, total, dim=2)])
-            old.values = torch.cat([_left_pad(old.values, total, dim=2), _left_pad(new.values, total, dim=2)])
-        self.mask = torch.cat([_left_pad(self.mask, total, dim=1), _left_pad(mask, total, dim=1)])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.logits = torch.cat([self.logits, logits])
-        self.temps, self.top_ps = torch.cat([self.temps, temps]), torch.cat([self.top_ps, top_ps])
-        self.rows += rows
+        return cache, mask, logits
+
+    def _prompt_of(self, j: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Running row j's prompt as a one-row part: its KV columns, mask, and logits after it.
+        A row's tokens sit in contiguous columns (prompt, then what it generated)."""
+        import torch
+
+        assert self.mask is not None
+        row = self.rows[j]
+        first = int(self.mask[j].argmax())
+        cols = slice(first, first + len(row.prompt))
+        kv = [(layer.keys[j : j + 1, :, cols], layer.values[j : j + 1, :, cols]) for layer in self.cache.layers]
+        assert row.prompt_logits is not None
+        return kv, torch.ones((1, len(row.prompt)), dtype=self.mask.dtype, device=self.device), row.prompt_logits[None]
+
+    def _concat(self, parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]]) -> None:
+        """Stack parts (per-layer KV, mask, logits) along the batch, left-padded to one width."""
+        import torch
+
+        total = max(mask.shape[1] for _, mask, _ in parts)
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys = torch.cat([_left_pad(kv[i][0], total, dim=2) for kv, _, _ in parts])
+            layer.values = torch.cat([_left_pad(kv[i][1], total, dim=2) for kv, _, _ in parts])
+        self.mask = torch.cat([_left_pad(mask, total, dim=1) for _, mask, _ in parts])
+        self.logits = torch.cat([logits for _, _, logits in parts])
 
     def _step(self) -> None:
         """Sample one token for every row, release finished rows, run the next forward."""
