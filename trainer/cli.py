@@ -9,7 +9,7 @@ import sys
 
 # subcommand -> ("module:function", one-line help). function(argv: list[str]) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("env_sdk.cli:env_main", "serve an env server (`env serve MODULE:OBJECT`) or write a reference dataset"),
+    "env": ("env_sdk.cli:env_main", "serve an env server: `env serve MODULE:OBJECT --port N`"),
     "dataset": ("reference_envs.datasets:main", "write a reference env's dataset (JSONL) from a seed"),
     "conformance": ("env_sdk.conformance:main", "check an env server against protocol v1"),
     "model": ("trainer.models:main", "build a local model directory (`tiny`, `smollm2`)"),
