@@ -322,7 +322,7 @@ class EnvPool:
     async def aclose(self) -> None:
         for slot in self.slots:
             w = slot.waiter
-            tasks = [t for t in [w.task, *w.polls] if t is not None]
+            tasks = [t for t in [w.task, *w.polls, slot.reviving] if t is not None]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
