@@ -74,7 +74,10 @@ def test_sigkill_mid_step_and_between_steps_then_resume(tmp_path: Path, tiny_mod
 
     # 3. resumed to the end
     proc = openrft("train", str(cfg_path), "--resume", log=log)
-    assert proc.wait(120) == 0, log.read_text()
+    try:
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        proc.kill()
 
     run = Run(TrainConfig.model_validate(config), run_dir, 0.0)
     check_accounting(run)  # every step once; each rollout once; trained flags match the samples count
