@@ -61,7 +61,7 @@ async def test_late_requests_join_the_running_batch(loaded) -> None:  # type: ig
     model, tokenizer = loaded
     backend = TransformersBackend(model, tokenizer, collect_window_s=0.0)
     prompts = _prompts(tokenizer, 6)
-    greedy = [SamplingParams(max_tokens=n, temperature=0.0) for n in (40, 3, 25, 8, 30, 5)]
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0) for n in (120, 3, 25, 8, 30, 5)]  # the first outlasts the joins
     singles = [await backend.generate(p, g) for p, g in zip(prompts, greedy)]
     start, joined = backend.stats.batches, backend.stats.joined
     long = asyncio.ensure_future(backend.generate(prompts[0], greedy[0]))
@@ -99,7 +99,7 @@ async def test_late_group_members_copy_the_running_prompt(loaded) -> None:  # ty
     model, tokenizer = loaded
     backend = TransformersBackend(model, tokenizer, collect_window_s=0.0)
     shared, other = _prompts(tokenizer, 2)
-    params = [SamplingParams(max_tokens=30 - 5 * s, seed=s) for s in range(4)]
+    params = [SamplingParams(max_tokens=n, seed=s) for s, n in enumerate((120, 25, 20, 15))]  # the first outlasts the joins
     alone = [await backend.generate(shared, p) for p in params] + [await backend.generate(other, params[1])]
     prefilled, calls = backend.stats.prefilled_rows, backend.stats.forward_calls
     first = asyncio.ensure_future(backend.generate(shared, params[0]))
