@@ -565,7 +565,9 @@ class RolloutScheduler:
         return result
 
     async def _start_and_wait(self, request: InitRequest, slot: EnvSlot) -> StatusResponse:
-        """Init on the env, then the first of: batched long-poll, /logs push, deadline."""
+        """Init on the env, then the first of: batched long-poll, /logs push, deadline. The deadline
+        counts from the env's acceptance, as the env counts it: time spent waiting out its 429s
+        (bounded too, by one more deadline) is not taken from the rollout's own time."""
         rid = request.metadata.rollout_id
         try:
             async with asyncio.timeout(self.deadline_s):
@@ -577,6 +579,7 @@ class RolloutScheduler:
                     elif isinstance(exc, (CapacityError, ServerError)):
                         self.pool.mark_down(slot, BUSY_FOR_S)
                     raise _Attempt(*_error_status(exc)) from None
+            async with asyncio.timeout(self.deadline_s):
                 return await self._wait(slot, rid)
         except TimeoutError:
             await self._cancel(slot, rid)
