@@ -27,3 +27,13 @@ def test_429_is_waited_out(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
     started = {rid for rid, answers in inits.items() if any(code == 202 for _, code in answers)}
     trained = {r["rollout_id"] for r in run.rollouts()}
     assert trained <= started  # each dumped rollout is one the env accepted
+
+
+def test_waiting_for_capacity_does_not_eat_the_deadline(tmp_path: Path, tiny_model: Path, envs: Any) -> None:
+    """The deadline is the env's time to run a rollout, counted from when the env accepts it (as the
+    env counts it): rollouts queued behind 429s for most of a deadline still get all of it."""
+    env = envs("--capacity", "2", "--delay", "1.5")  # 4 waves of 1.5 s: the last starts ~4.5 s in
+    run = train_run(short_config(tmp_path, tiny_model, [env.url], steps=1, rollout={"deadline_s": 5.0}))
+    assert run.error is None, run.error
+    check_accounting(run)
+    assert run.failures() == {}, [r["status"]["message"] for r in run.rollouts() if r["reward"] is None]
