@@ -49,6 +49,9 @@ async def test_keys_are_per_rollout(served) -> None:  # type: ignore[no-untyped-
     assert gateway.open_rollout(meta("A"), base) == (url_a, key_a)  # idempotent
     with pytest.raises(ValueError, match="other metadata"):
         gateway.open_rollout(meta("A", row_id="other"), base)
+    assert [m.id for m in (await oa(url_a, key_a).models.list()).data] == ["policy"]
+    with pytest.raises(openai.PermissionDeniedError):
+        await oa(url_a, key_b).models.list()
     reply = await oa(url_a, key_a).chat.completions.create(model="policy", messages=HI)
     assert reply.choices[0].message.content == "ok"
     with pytest.raises(openai.PermissionDeniedError) as err:  # A's key on B
