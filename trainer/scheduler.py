@@ -186,17 +186,19 @@ class EnvPool:
     async def probe(self, timeout_s: float = 5.0) -> list[str]:
         """GET /health on every env. Raises EnvsUnreachable if none answers; returns warnings
         for those that do not (they are marked down and skipped while down). An env answering
-        404 there is taken for an eval-protocol server (no /health, no /status): with wait
-        "auto" its rollouts end only by the gateway's /logs push."""
+        404 there, or a body that is not openrft's Health (a web app's own liveness route), is
+        taken for an eval-protocol server (no /status): with wait "auto" its rollouts end only by
+        the gateway's /logs push."""
 
         async def one(slot: EnvSlot) -> str | None:
             try:
                 async with EnvClient(slot.url, token=slot.token, timeout=timeout_s, max_retries=1) as probe:
                     await probe.health()
-            except NotFoundError:
+            except (NotFoundError, EnvProtocolError) as exc:
                 if slot.wait == "auto":
                     slot.wait = "logs"
-                    logger.warning("env %s has no /health: waiting for its /logs pushes only", slot.url)
+                    found = "has no /health" if isinstance(exc, NotFoundError) else "has a /health of its own"
+                    logger.warning("env %s %s: waiting for its /logs pushes only", slot.url, found)
             except (EnvError, OSError) as exc:
                 slot.down_until = time.monotonic() + DOWN_FOR_S
                 return f"env {slot.url} is unreachable: {exc}"
@@ -239,7 +241,7 @@ class EnvPool:
             try:
                 async with asyncio.timeout(REVIVE_POLL_S):
                     await slot.client.health()
-            except EnvHTTPError:  # it answers (an eval-protocol server has no /health): it is up
+            except (EnvHTTPError, EnvProtocolError):  # it answers (eval-protocol: no /health, or its own): it is up
                 pass
             except (EnvError, OSError, TimeoutError):
                 await asyncio.sleep(min(REVIVE_POLL_S, max(0.0, slot.down_until - time.monotonic())))
