@@ -135,8 +135,6 @@ async def test_bad_chat_bodies_are_400_naming_the_field(live) -> None:  # type: 
         error = err.value.body
         assert isinstance(error, dict) and error["param"] == param, (body, error)
         assert param.split("[")[0].split(".")[0] in error["message"]
-    with pytest.raises(BadRequestError, match="stream"):
-        await oa.chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}], stream=True)
     import httpx
 
     url, key = gateway.open_rollout(meta("r-bad"), base)
@@ -222,3 +220,27 @@ async def test_a_failing_backend_is_an_openai_style_500(loaded) -> None:  # type
     body = err.value.body
     assert isinstance(body, dict) and body["type"] == "server_error" and "out of memory" in body["message"]
     assert gateway.record("boom").calls == []
+
+
+async def test_streaming_clients_get_the_same_completion(loaded) -> None:  # type: ignore[no-untyped-def]
+    """stream=True answers OpenAI's server-sent chunks: text, tool calls, finish reason, usage."""
+    _, tokenizer = loaded
+    replies = iter(["Let me add.\n" + hermes_tool_call_text("add", json.dumps({"a": 2, "b": 3})), "It is 5."])
+    gateway = Gateway(ScriptedBackend(tokenizer, lambda ids, p: next(replies)), tokenizer)
+    with serve_app(gateway.app) as base:
+        oa = client(gateway, base, "stream")
+        messages = [{"role": "user", "content": "What is 2+3?"}]
+        stream = await oa.chat.completions.create(
+            model="policy", messages=messages, tools=TOOLS, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        )
+        chunks = [chunk async for chunk in stream]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert content == "Let me add." and finish == ["tool_calls"]
+        assert [(tc.function.name, json.loads(tc.function.arguments or "")) for tc in calls] == [("add", {"a": 2, "b": 3})]
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == len(gateway.record("stream").calls[0].completion_ids)
+        plain = await oa.chat.completions.create(model="policy", messages=messages, stream=True)  # type: ignore[arg-type]
+        assert "".join([c.choices[0].delta.content or "" async for c in plain if c.choices]) == "It is 5."
+    assert len(gateway.record("stream").calls) == 2

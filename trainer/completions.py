@@ -17,12 +17,13 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from env_sdk.models import Message, Tool
@@ -95,6 +96,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=128)
     seed: int | None = None
     stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
     model: str | None = None
 
 
@@ -133,8 +135,6 @@ class ChatCompleter:
             request = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise validation_api_error(exc.errors()) from None
-        if request.stream:
-            raise APIError(400, "stream: streaming is not supported; send stream=false", param="stream")
         if request.tool_choice not in (None, "auto", "none"):
             raise APIError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice")
         return request
@@ -211,3 +211,31 @@ class ChatCompleter:
 
     def models_response(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "openrft"}]}
+
+
+def completion_response(completion: Completion) -> Response:
+    """The HTTP answer: the JSON body, or with `stream: true` the same completion as OpenAI's
+    server-sent chunks (generated whole first, then sent: a client that streams works, it just
+    sees the text arrive at once)."""
+    if not completion.request.stream:
+        return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
+    options = completion.request.stream_options or {}
+    return StreamingResponse(_sse(completion.response, bool(options.get("include_usage"))), media_type="text/event-stream")
+
+
+def _sse(response: dict[str, Any], include_usage: bool) -> Iterator[str]:
+    head = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"], "model": response["model"]}
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    for choice in response["choices"]:
+        index, message = choice["index"], choice["message"]
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": message["content"] or ""}, "finish_reason": None}])
+        calls = [{"index": k, **call} for k, call in enumerate(message.get("tool_calls") or [])]
+        if calls:
+            yield chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
+        yield chunk([{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}])
+    if include_usage:
+        yield chunk([], usage=response["usage"])
+    yield "data: [DONE]\n\n"

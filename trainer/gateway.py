@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
@@ -36,6 +36,7 @@ from trainer.completions import (
     ChatCompleter,
     ChatCompletionRequest,
     Completion,
+    completion_response,
     install_error_handlers,
     read_json,
     validation_api_error,
@@ -190,7 +191,7 @@ class Gateway:
                   openapi_extra=_json_body(ChatCompletionRequest))
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
-        ) -> JSONResponse:
+        ) -> Response:
             path_ids = dict(
                 rollout_id=rollout_id, invocation_id=invocation_id, experiment_id=experiment_id, run_id=run_id, row_id=row_id
             )
@@ -198,7 +199,7 @@ class Gateway:
             completion = await self.completer.complete(await read_json(request))
             if self._open.get(rollout_id) is opened:  # not closed while generating
                 self._record(opened, completion)
-            return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
+            return completion_response(completion)
 
         @app.get(ROLLOUT_PATH + "/models", responses={401: _ERROR, 403: _ERROR, 404: _ERROR})
         async def rollout_models(

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from trainer.backend import GenerationBackend
-from trainer.completions import APIError, ChatCompleter, install_error_handlers, read_json
+from trainer.completions import APIError, ChatCompleter, completion_response, install_error_handlers, read_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,10 +48,10 @@ def create_app(
             raise APIError(401, "invalid or missing API key", type_="authentication_error", code="invalid_api_key")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         authorize(request)
         completion = await completer.complete(await read_json(request))
-        return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
+        return completion_response(completion)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
