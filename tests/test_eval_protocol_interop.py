@@ -160,6 +160,20 @@ async def test_eval_protocol_init_body_runs_on_an_openrft_env(monkeypatch: pytes
         assert "tool backend down" in theirs.status.message
 
 
+def test_spec_example_is_what_eval_protocol_sends() -> None:
+    """protocol/examples/InitRequest.eval_protocol.json is byte for byte eval-protocol's dump (bar the key)."""
+    row = EvaluationRow(messages=[Message(role="user", content="What is the capital of France?")],
+                        input_metadata=InputMetadata(row_id="rw-1"),
+                        execution_metadata=ExecutionMetadata(invocation_id="iv-1", experiment_id="ex-1",
+                                                             rollout_id="ro-9", run_id="rn-1"))
+    config = RolloutProcessorConfig(completion_params={"model": "fireworks_ai/accounts/fireworks/models/qwen3-8b",
+                                                       "temperature": 0.0, "max_tokens": 512},
+                                    mcp_config_path="", semaphore=asyncio.Semaphore(1))
+    sent = build_init_request(row, config, "https://tracing.fireworks.ai").model_dump()
+    example = json.loads((Path(__file__).parents[1] / "protocol/examples/InitRequest.eval_protocol.json").read_text())
+    assert {**sent, "api_key": None} == {**example, "api_key": None}
+
+
 def test_status_codes_round_trip() -> None:
     assert {c.value: c.name for c in EPStatus.Code} == {c.value: c.name for c in StatusCode}
     for code in EPStatus.Code:
