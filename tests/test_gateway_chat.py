@@ -128,6 +128,7 @@ async def test_bad_chat_bodies_are_400_naming_the_field(live) -> None:  # type: 
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),  # longer than the model's context
     ]
     for body, param in cases:
         with pytest.raises(BadRequestError) as err:
