@@ -81,6 +81,12 @@ async def test_completion_fields_and_recorded_tokens(live, loaded) -> None:  # t
     direct = await backend.generate(call.prompt_ids, SamplingParams(max_tokens=5, temperature=0))
     assert call.completion_ids == direct.token_ids
     assert torch.allclose(torch.tensor(call.logprobs), torch.tensor(direct.logprobs), atol=1e-4)
+    # logprobs=True returns the recorded logprobs, token by token
+    with_lp = await oa.chat.completions.create(model="policy", messages=messages, max_tokens=5, temperature=0, logprobs=True)
+    lp = with_lp.choices[0].logprobs
+    assert lp is not None and lp.content is not None
+    assert [t.logprob for t in lp.content] == pytest.approx(call.logprobs, abs=1e-4)
+    assert "".join(t.token for t in lp.content) == choice.message.content
     # defaults: max_tokens from the gateway, max_completion_tokens wins over max_tokens
     reply = await oa.chat.completions.create(model="policy", messages=messages)
     assert reply.usage is not None and reply.usage.completion_tokens == 6

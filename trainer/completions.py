@@ -81,7 +81,7 @@ async def read_json(request: Request) -> Any:
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI request fields we act on; others (logprobs, user, ...) are accepted and ignored."""
+    """The OpenAI request fields we act on; others (user, metadata, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -97,6 +97,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
+    logprobs: bool | None = None
     model: str | None = None
 
 
@@ -175,7 +176,7 @@ class ChatCompleter:
             raise APIError(400, f"messages: {exc}", param="messages") from None
         parse = request.tool_choice != "none" and bool(tools)
         choices = [self._choice(g, stops, parse) for g in generations]
-        return Completion(request, messages, tools, prompt_ids, choices, self._response(prompt_ids, choices))
+        return Completion(request, messages, tools, prompt_ids, choices, self._response(prompt_ids, choices, bool(request.logprobs)))
 
     def _choice(self, gen: Generation, stops: list[str], parse_tools: bool) -> ChoiceResult:
         ids, logprobs, finish = list(gen.token_ids), list(gen.logprobs), gen.finish_reason
@@ -191,7 +192,16 @@ class ChatCompleter:
             finish = "tool_calls"
         return ChoiceResult(ids, logprobs, parsed.message(), finish)
 
-    def _response(self, prompt_ids: list[int], choices: list[ChoiceResult]) -> dict[str, Any]:
+    def _logprobs(self, choice: ChoiceResult) -> dict[str, Any]:
+        """OpenAI's `logprobs.content`: each completion token with its recorded (temperature-1)
+        logprob. `top_logprobs` stays empty: only the sampled token's logprob is kept."""
+        content = []
+        for token_id, logprob in zip(choice.completion_ids, choice.logprobs):
+            token = self.tokenizer.decode([token_id])
+            content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []})
+        return {"content": content, "refusal": None}
+
+    def _response(self, prompt_ids: list[int], choices: list[ChoiceResult], logprobs: bool = False) -> dict[str, Any]:
         completion_tokens = sum(len(c.completion_ids) for c in choices)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -199,7 +209,7 @@ class ChatCompleter:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [
-                {"index": i, "message": c.message, "finish_reason": c.finish_reason, "logprobs": None}
+                {"index": i, "message": c.message, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c) if logprobs else None}
                 for i, c in enumerate(choices)
             ],
             "usage": {
@@ -231,7 +241,8 @@ def _sse(response: dict[str, Any], include_usage: bool) -> Iterator[str]:
 
     for choice in response["choices"]:
         index, message = choice["index"], choice["message"]
-        yield chunk([{"index": index, "delta": {"role": "assistant", "content": message["content"] or ""}, "finish_reason": None}])
+        delta = {"role": "assistant", "content": message["content"] or ""}
+        yield chunk([{"index": index, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}])
         calls = [{"index": k, **call} for k, call in enumerate(message.get("tool_calls") or [])]
         if calls:
             yield chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
