@@ -2,7 +2,7 @@
 at 64 concurrent rollouts.
 
     python -m bench.train_step [--model tiny|smollm2|DIR] [--steps 4] [--tasks 8] [--group 4]
-                               [--max-tokens 32] [--skip-batching]
+                               [--max-tokens 32] [--dtype float32|bfloat16] [--threads N] [--skip-batching]
 
 The env is the math reference env served by uvicorn in a subprocess (as in production: its own
 process), its tasks from reference_envs/math/train.jsonl. The reward comes from a trainer-side
@@ -93,7 +93,8 @@ def train_steps(model: Path, env_url: str, workdir: Path, args: argparse.Namespa
         f"steps={args.steps}", f"tasks_per_step={args.tasks}", f"group_size={args.group}",
         f"sampling.max_tokens={args.max_tokens}", "lora.rank=16", "lora.alpha=32", "optim.lr=1e-5",
         f"grpo.micro_batch_size={args.micro_batch}", "evaluator=bench.train_step:vowel_fraction",
-        f"checkpoint_every={args.steps + 1}", "progress=false", "rollout.min_group_size=2",
+        f"checkpoint_every={args.steps + 1}", "progress=false", "rollout.min_group_size=2", f"dtype={args.dtype}",
+        *([f"threads={args.threads}"] if args.threads else []),
     ])
     run_dir = train(config)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -140,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=4, help="rollouts per task")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--skip-batching", action="store_true", help="only part 1")
     args = parser.parse_args(argv)
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cuda={torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         env = EnvProcess()
         try:
             metrics = train_steps(model, env.url, workdir, args)
-            print(f"\nGRPO step ({args.model}: {args.tasks} tasks x {args.group} rollouts, {args.max_tokens} new tokens)")
+            print(f"\nGRPO step ({args.model}, {args.dtype}, {torch.get_num_threads()} threads: {args.tasks} tasks x {args.group} rollouts, "
+                  f"{args.max_tokens} new tokens)")
             print(f"{'step':>4} {'generate':>9} {'env':>7} {'learn':>7} {'step':>7} {'tok/s':>7} {'reward':>7}")
             for m in metrics:
                 print(f"{m['step']:>4} {m['time/generate']:>9.2f} {m['time/env']:>7.2f} {m['time/learn']:>7.2f} "

@@ -170,7 +170,12 @@ class TrainConfig(_Section):
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         default="auto", description="auto = eager for bfloat16 on CPU (measured faster there), else the model's default",
     )
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default = torch's")
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads. Default on CPU: one less than the CPUs (at least 1), leaving a core to "
+        "the gateway, the envs and the generation thread's loop; measured on 2 cores, 2 threads made the first "
+        "step's generation 10-30x slower than 1 (threads wait on each other at every op when oversubscribed)",
+    )
     run_dir: str = "runs/latest"
     progress: bool = True
 

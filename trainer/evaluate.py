@@ -163,7 +163,10 @@ async def _evaluate(config: TrainConfig) -> tuple[EvalResult, list[GroupResult]]
 
 def evaluate(config: TrainConfig) -> EvalResult:
     """Evaluate as `config.eval` says; write the JSON result and the rollouts; return the result."""
-    result, groups = asyncio.run(_evaluate(config))
+    from trainer.run import torch_threads
+
+    with torch_threads(config):
+        result, groups = asyncio.run(_evaluate(config))
     out = Path(config.eval.out) if config.eval.out else Path(config.run_dir) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

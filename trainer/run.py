@@ -32,7 +32,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,25 @@ class TimedBackend:
 
     def __getattr__(self, name: str) -> Any:  # lock, stats, close ... of the wrapped backend
         return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def torch_threads(config: TrainConfig) -> Iterator[None]:
+    """torch's CPU threads while a run lasts: `config.threads`, else (on CPU) one less than the
+    CPUs, at least 1. The previous setting is restored after (train() may be called in-process)."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    elif config.device != "cuda" and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- the gateway, served on this loop -------------------------------------------------------
@@ -307,8 +326,6 @@ async def _train(config: TrainConfig, resume: bool) -> Path:
     from trainer.gateway import Gateway
     from trainer.learner import Learner
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     tasks = load_tasks(config.dataset)
     evaluator = load_evaluator(config.evaluator) if config.evaluator else None
     pool = EnvPool(config.envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
@@ -450,7 +467,8 @@ def _forward_calls(backend: TimedBackend) -> int:
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `config` says; return the run directory."""
-    return asyncio.run(_train(config, resume))
+    with torch_threads(config):
+        return asyncio.run(_train(config, resume))
 
 
 USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError)
