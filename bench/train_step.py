@@ -94,7 +94,7 @@ def train_steps(model: Path, env_url: str, workdir: Path, args: argparse.Namespa
         f"sampling.max_tokens={args.max_tokens}", "lora.rank=16", "lora.alpha=32", "optim.lr=1e-5",
         f"grpo.micro_batch_size={args.micro_batch}", "evaluator=bench.train_step:vowel_fraction",
         f"checkpoint_every={args.steps + 1}", "progress=false", "rollout.min_group_size=2", f"dtype={args.dtype}",
-        *([f"threads={args.threads}"] if args.threads else []),
+        f"threads={args.threads}",
     ])
     run_dir = train(config)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -142,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the trainer's, CPUs - 1)")
     parser.add_argument("--skip-batching", action="store_true", help="only part 1")
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 1)  # the trainer's own default
+    torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cuda={torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
