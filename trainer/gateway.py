@@ -187,7 +187,10 @@ class Gateway:
         app = FastAPI(title="openrft gateway")
         install_error_handlers(app)
 
-        @app.post(ROLLOUT_PATH + "/chat/completions", responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+        # 200: JSON, or server-sent chunks when the request asks for stream=true
+        streamed = {"description": "the completion", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        @app.post(ROLLOUT_PATH + "/chat/completions",
+                  responses={200: streamed, 400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
                   openapi_extra=_json_body(ChatCompletionRequest))
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
