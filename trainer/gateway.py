@@ -188,7 +188,8 @@ class Gateway:
         install_error_handlers(app)
 
         # 200: JSON, or server-sent chunks when the request asks for stream=true
-        streamed = {"description": "the completion", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        event = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+        streamed = {"description": "the completion", "content": {"text/event-stream": {"schema": event}}}
         @app.post(ROLLOUT_PATH + "/chat/completions",
                   responses={200: streamed, 400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
                   openapi_extra=_json_body(ChatCompletionRequest))
