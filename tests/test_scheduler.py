@@ -154,6 +154,16 @@ def test_load_evaluator() -> None:
         load_evaluator("math:nope")
 
 
+def test_evaluator_next_to_the_config_is_found(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`openrft` is a console script: the working directory is not on sys.path by itself."""
+    import sys
+
+    (tmp_path / "user_evaluator_xyz.py").write_text("def score(messages, truth, info):\n    return 0.75\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_evaluator("user_evaluator_xyz:score")([], None, {}) == 0.75
+
+
 def capacity_env() -> FastAPI:
     """Always at capacity: 429 with Retry-After 0 on /init."""
     app = FastAPI()

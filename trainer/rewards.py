@@ -13,6 +13,8 @@ import asyncio
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +40,15 @@ class Score:
 
 
 def load_evaluator(spec: str) -> Evaluator:
-    """Import `module:function` (the module must be importable from the working directory / path)."""
+    """Import `module:function` from the working directory or the installed packages. The working
+    directory is put on the import path (as uvicorn does): a console script like `openrft` does not
+    have it there, and a user's evaluator usually lives next to their config."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise EvaluatorLoadError(f"evaluator must look like 'module:function', got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
