@@ -176,8 +176,10 @@ async def serve_gateway(app: Any, host: str, port: int, public_url: str | None) 
         def capture_signals(self) -> Any:  # Ctrl-C stops the trainer, not just the gateway
             yield
 
+    # timeout_graceful_shutdown: requests still generating at shutdown (rollouts past their
+    # deadline) are cancelled after a few seconds instead of holding the exit.
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                    timeout_keep_alive=75))
+                                    timeout_keep_alive=75, timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(), name="gateway")
     while not server.started:
         if task.done():
@@ -190,8 +192,13 @@ async def serve_gateway(app: Any, host: str, port: int, public_url: str | None) 
         yield public_url.rstrip("/") if public_url else f"http://{shown}:{bound}"
     finally:
         server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=10)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # never mask the run's own outcome
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 # --- one step's bookkeeping -----------------------------------------------------------------
