@@ -88,7 +88,7 @@ def env() -> Any:
 
 async def test_groups_finish_and_failures_are_counted_by_kind(env: Any, model_url: str) -> None:
     url, _ = env
-    sched = scheduler_for([url], model_url, deadline_s=1.5)
+    sched = scheduler_for([url], model_url, deadline_s=4.0)  # roomy: a busy CI box is slow
     await sched.pool.probe()
     started = time.monotonic()
     groups = await sched.run_groups([(0, task("hi")), (1, task("crash")), (2, task("nan")), (3, task("no-reward")),
@@ -101,7 +101,7 @@ async def test_groups_finish_and_failures_are_counted_by_kind(env: Any, model_ur
     assert "the agent fell over" in groups[1].rollouts[0].status.message
     assert "no score" in groups[3].rollouts[0].status.message  # no env reward, no evaluator: never a silent 0
     assert groups[4].rollouts[0].attempts == 1  # a deadline is not retried
-    assert elapsed < 10, f"a hanging env held the step {elapsed:.1f}s, past its 1.5 s deadline"
+    assert elapsed < 15, f"a hanging env held the step {elapsed:.1f}s, past its 4 s deadline"
     assert sched.retries == 0
 
 
