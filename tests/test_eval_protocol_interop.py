@@ -277,17 +277,17 @@ def test_eval_protocol_env_trains_with_openrft_trainer(tmp_path: Path, monkeypat
     gateway_port = free_port()
     gateway_url = f"http://127.0.0.1:{gateway_port}"  # what FW_TRACING_GATEWAY_BASE_URL would hold
     env = EPStyleEnv(gateway_url)
-    config = TrainConfig.model_validate({
-        "model": str(model_dir), "dataset": str(dataset), "envs": [{"url": "placeholder"}],
-        "evaluator": f"{__name__}:vowel_score", "steps": 2, "tasks_per_step": 2, "group_size": 2,
-        "sampling": {"max_tokens": 8}, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
-        "rollout": {"deadline_s": 30, "max_retries": 0}, "gateway": {"port": gateway_port},
-        "checkpoint_every": 2, "seed": 3, "run_dir": str(tmp_path / "run"), "progress": False,
-    })
     started = time.monotonic()
     try:
         with serve_app(env.app) as env_url, caplog.at_level(logging.WARNING, logger="trainer"):
-            config.envs[0].url = env_url  # wait: auto -> logs, found by the 404 of /health
+            # envs[].wait is "auto": the 404 of /health marks an eval-protocol env (reports via /logs)
+            config = TrainConfig.model_validate({
+                "model": str(model_dir), "dataset": str(dataset), "envs": [{"url": env_url}],
+                "evaluator": f"{__name__}:vowel_score", "steps": 2, "tasks_per_step": 2, "group_size": 2,
+                "sampling": {"max_tokens": 8}, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+                "rollout": {"deadline_s": 30, "max_retries": 0}, "gateway": {"port": gateway_port},
+                "checkpoint_every": 2, "seed": 3, "run_dir": str(tmp_path / "run"), "progress": False,
+            })
             run_dir = train(config)
     finally:
         env.close()
