@@ -32,26 +32,16 @@ QWEN2_SPLIT_REGEX = (
 )
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-# ChatML with tools. Assistant tool calls render exactly as the Hermes parser in
-# trainer/chat.py expects the model to write them, so a sampled tool call re-renders to the
-# same text in the next turn (the gateway's prefix check depends on that).
-CHAT_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- else %}{{- '" + DEFAULT_SYSTEM + "' }}{%- endif %}"
+# Shared by every tools-aware ChatML template here (trainer/smollm2.py too): the tools listing of
+# the system turn, and the assistant / tool turns.
+TOOLS_LISTING = (
     "{{- '\\n\\n# Tools\\n\\nFunction signatures are listed inside <tools></tools>:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
     "{{- '\\n</tools>\\n\\nTo call a function, reply with a JSON object holding its name and arguments"
     " inside <tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
-    "\\n</tool_call><|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'system' %}"
-    "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- elif message.role == 'user' %}"
-    "{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
+    "\\n</tool_call>' }}"
+)
+ASSISTANT_AND_TOOL_TURNS = (
     "{%- elif message.role == 'assistant' %}"
     "{{- '<|im_start|>assistant' }}"
     "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
@@ -66,7 +56,27 @@ CHAT_TEMPLATE = (
     "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
     "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
     "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+)
+
+# ChatML with tools. Assistant tool calls render exactly as the Hermes parser in
+# trainer/chat.py expects the model to write them, so a sampled tool call re-renders to the
+# same text in the next turn (the gateway's prefix check depends on that).
+CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- else %}{{- '" + DEFAULT_SYSTEM + "' }}{%- endif %}"
+    + TOOLS_LISTING
+    + "{{- '<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
     "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message.role == 'user' %}"
+    "{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
+    + ASSISTANT_AND_TOOL_TURNS
+    + "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

