@@ -59,7 +59,7 @@ async def test_wait_many_collects_hundreds_with_few_requests() -> None:
             elapsed = time.monotonic() - t0
     assert all(st.status is not None and st.status.code == StatusCode.FINISHED for st in done.values())
     assert len(done) == 300 and elapsed < 8.0
-    assert rec.paths["/status/batch"] <= 50, rec.paths  # not one poll per rollout per interval
+    assert rec.paths["/status/batch"] <= 100, rec.paths  # not one poll per rollout (300) per interval
     assert "/status" not in rec.paths
     assert len(rec.sockets) <= 8  # 300 inits through the pool, not a socket each
 
