@@ -8,14 +8,17 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from env_sdk.errors import (
+    EnvError,
     EnvHTTPError,
     EnvProtocolError,
     EnvUnreachableError,
@@ -24,7 +27,12 @@ from env_sdk.errors import (
     http_error,
 )
 from env_sdk.models import (
+    CAP_INIT_BATCH,
+    INIT_BATCH_MAX,
+    ErrorResponse,
     Health,
+    InitBatchItem,
+    InitBatchResponse,
     InitRequest,
     InitResponse,
     Status,
@@ -40,8 +48,12 @@ M = TypeVar("M", bound=BaseModel)
 MAX_WAIT_S = 30.0
 #: Most ids in one POST /status/batch (the server's limit).
 BATCH_MAX_IDS = 10_000
+#: Most bytes in one POST /init/batch from this client (the reference server caps bodies at 4 MiB).
+INIT_BATCH_MAX_BYTES = 1024 * 1024
 #: Longest Retry-After honoured; a server asking for more gets this.
 MAX_RETRY_AFTER_S = 30.0
+
+_JSON = {"Content-Type": "application/json"}
 
 
 class _Retry(Exception):
@@ -56,6 +68,16 @@ class _Retry(Exception):
                 self.retry_after = max(0.0, float(response.headers.get("retry-after", "")))
             except ValueError:  # absent, or an HTTP date: fall back to backoff
                 self.retry_after = None
+
+
+@dataclass
+class _PendingInit:
+    """An init waiting for its place in a POST /init/batch."""
+
+    rollout_id: str
+    body: bytes  # the InitRequest as JSON
+    future: asyncio.Future[InitResponse]
+    attempt: int = 1
 
 
 def _unknown_status(rollout_id: str) -> StatusResponse:
@@ -83,6 +105,7 @@ class EnvClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_retries = max_retries
+        self._timeout = httpx.Timeout(timeout, pool=None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -93,7 +116,11 @@ class EnvClient:
         # At most max_connections requests inside httpx at a time: its pool scans every queued
         # request on each assignment, so thousands queued there cost O(n^2) CPU.
         self._slots = asyncio.Semaphore(max_connections)
-        self._batch_supported = True
+        self._batch_supported = True  # POST /status/batch, until a 404/405 says otherwise
+        self._init_batch_ok: bool | None = None  # POST /init/batch: None until GET /version says
+        self._probing: asyncio.Future[None] | None = None
+        self._init_queue: list[_PendingInit] = []
+        self._init_tasks: set[asyncio.Future[None]] = set()
 
     async def __aenter__(self) -> EnvClient:
         return self
@@ -103,47 +130,66 @@ class EnvClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        tasks = [*self._init_tasks, *([self._probing] if self._probing else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._http.aclose()
 
     # --- transport ------------------------------------------------------------------------
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Retry) and exc.retry_after is not None:
-            return min(exc.retry_after, MAX_RETRY_AFTER_S)
-        return min(0.1 * 2 ** (state.attempt_number - 1), 5.0) * random.uniform(0.5, 1.5)
+    def _delay(self, failure: BaseException | None, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based): Retry-After, else backoff."""
+        if isinstance(failure, _Retry) and failure.retry_after is not None:
+            return min(failure.retry_after, MAX_RETRY_AFTER_S)
+        return min(0.1 * 2 ** (attempt - 1), 5.0) * random.uniform(0.5, 1.5)
+
+    async def _send(self, method: str, path: str, params: dict[str, Any] | None, content: bytes | None,
+                    timeout: httpx.Timeout) -> httpx.Response:
+        """One attempt: the 2xx/3xx answer; _Retry for a retryable outcome; EnvHTTPError for the rest."""
+        headers = _JSON if content is not None else None
+        try:
+            async with self._slots:
+                resp = await self._http.request(method, path, params=params, content=content, headers=headers,
+                                                timeout=timeout)
+        except httpx.TransportError as exc:
+            raise _Retry(exc=exc) from exc
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise _Retry(response=resp)
+        if resp.status_code >= 400:
+            raise http_error(resp.status_code, resp.text, method, f"{self.base_url}{path}")
+        return resp
 
     async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                        content: bytes | None = None, wait_s: float = 0.0) -> httpx.Response:
-        """One request with retries. Every v1 endpoint is idempotent, so every retry is safe."""
-        headers = {"Content-Type": "application/json"} if content is not None else None
-        timeout = httpx.Timeout(self.timeout + wait_s, pool=None)
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
-                                 retry=retry_if_exception_type(_Retry), reraise=True)
+        """One request with retries. Every v1 endpoint is idempotent, so every retry is safe.
+        The first attempt runs bare: tenacity's retry state costs ~60 us a request to build, so it
+        is built only once an attempt has failed."""
+        timeout = self._timeout if wait_s == 0 else httpx.Timeout(self.timeout + wait_s, pool=None)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        async with self._slots:
-                            resp = await self._http.request(method, path, params=params, content=content,
-                                                            headers=headers, timeout=timeout)
-                    except httpx.TransportError as exc:
-                        raise _Retry(exc=exc) from exc
-                    if resp.status_code == 429 or resp.status_code >= 500:
-                        raise _Retry(response=resp)
-                    if resp.status_code >= 400:
-                        raise http_error(resp.status_code, resp.text, method, f"{self.base_url}{path}")
-                    return resp
-        except _Retry as failure:
-            if failure.response is not None:
-                r = failure.response
-                raise http_error(r.status_code, r.text, method, f"{self.base_url}{path}") from None
-            attempts = self.max_retries + 1
-            raise EnvUnreachableError(
-                f"{method} {self.base_url}{path}: {type(failure.exc).__name__}: {failure.exc} "
-                f"(after {attempts} attempt{'s' * (attempts > 1)})"
-            ) from failure.exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await self._send(method, path, params, content, timeout)
+        except _Retry as first:
+            failure = first
+        if self.max_retries:
+            await asyncio.sleep(self._delay(failure, 1))
+            retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries),
+                                     wait=lambda s: self._delay(s.outcome.exception() if s.outcome else None,
+                                                                s.attempt_number + 1),
+                                     retry=retry_if_exception_type(_Retry), reraise=True)
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._send(method, path, params, content, timeout)
+            except _Retry as last:
+                failure = last
+        if failure.response is not None:
+            r = failure.response
+            raise http_error(r.status_code, r.text, method, f"{self.base_url}{path}") from None
+        attempts = self.max_retries + 1
+        raise EnvUnreachableError(
+            f"{method} {self.base_url}{path}: {type(failure.exc).__name__}: {failure.exc} "
+            f"(after {attempts} attempt{'s' * (attempts > 1)})"
+        ) from failure.exc
 
     def _parse(self, model: type[M], resp: httpx.Response) -> M:
         try:
@@ -157,18 +203,148 @@ class EnvClient:
     # --- endpoints ------------------------------------------------------------------------
 
     async def init(self, request: InitRequest) -> InitResponse:
-        """Start a rollout. Safe to repeat: the server starts one rollout per rollout_id."""
+        """Start a rollout. Safe to repeat: the server starts one rollout per rollout_id.
+
+        Against a server that advertises `init_batch` (GET /version, asked once), the inits of
+        rollouts started in the same event-loop turn (a GRPO group, the rollouts that follow a burst
+        of finishes) travel together as one `POST /init/batch`; each still ends as its own `/init`
+        would (started, or the same error after the same retries). Others get one `POST /init` each."""
         rid = request.metadata.rollout_id
-        resp = await self._request("POST", "/init", content=request.model_dump_json(exclude_none=True).encode())
+        body = request.model_dump_json(exclude_none=True).encode()
+        if self._init_batch_ok is None:
+            await self._ask_capabilities()
+        if not self._init_batch_ok or len(body) > INIT_BATCH_MAX_BYTES:
+            return await self._init_one(rid, body)
+        item = _PendingInit(rid, body, asyncio.get_running_loop().create_future())
+        self._enqueue(item)
+        return await item.future
+
+    async def _init_one(self, rid: str, body: bytes) -> InitResponse:
+        resp = await self._request("POST", "/init", content=body)
         # Any 2xx means started: eval-protocol-era servers answer with bodies of their own (or none).
         try:
-            body = resp.json()
+            answer = resp.json()
         except ValueError:
-            body = None
-        if isinstance(body, dict) and body.get("rollout_id") not in (None, rid):
+            answer = None
+        if isinstance(answer, dict) and answer.get("rollout_id") not in (None, rid):
             raise EnvProtocolError(f"POST {self.base_url}/init for rollout {rid!r} answered rollout_id "
-                                   f"{body['rollout_id']!r}")
+                                   f"{answer['rollout_id']!r}")
         return InitResponse(rollout_id=rid)
+
+    async def _ask_capabilities(self) -> None:
+        """Learn from GET /version whether the server takes `POST /init/batch`: one request, shared
+        by the callers that arrive meanwhile, one attempt. A server that does not answer leaves it
+        unknown (this init goes alone; a later one asks again); any other answer settles it."""
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._probe())
+        await asyncio.shield(self._probing)
+
+    async def _probe(self) -> None:
+        try:
+            resp = await self._send("GET", "/version", None, None, self._timeout)
+            capabilities = VersionResponse.model_validate_json(resp.content).capabilities
+        except _Retry:
+            self._probing = None
+            return
+        except (EnvError, ValueError):  # no /version (eval-protocol servers), or one of its own
+            capabilities = []
+        self._init_batch_ok = CAP_INIT_BATCH in capabilities
+
+    def _enqueue(self, item: _PendingInit) -> None:
+        if item.future.done():  # its caller stopped waiting
+            return
+        self._init_queue.append(item)
+        if len(self._init_queue) == 1:  # sent once the callers already scheduled in this turn have queued theirs
+            asyncio.get_running_loop().call_soon(self._flush_inits)
+
+    def _flush_inits(self) -> None:
+        queue, self._init_queue = self._init_queue, []
+        chunk: list[_PendingInit] = []
+        size = 0
+        for item in queue:
+            if chunk and (len(chunk) == INIT_BATCH_MAX or size + len(item.body) > INIT_BATCH_MAX_BYTES):
+                self._spawn(self._send_inits(chunk))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item.body) + 1
+        if chunk:
+            self._spawn(self._send_inits(chunk))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._init_tasks.add(task)
+        task.add_done_callback(self._init_tasks.discard)
+
+    async def _send_inits(self, chunk: list[_PendingInit]) -> None:
+        """One POST /init/batch for `chunk`, then each item's outcome onto its future."""
+        content = b'{"requests":[' + b",".join(item.body for item in chunk) + b"]}"
+        try:
+            try:
+                resp = await self._request("POST", "/init/batch", content=content)
+            except EnvHTTPError as exc:
+                if exc.status_code not in (404, 405, 413):
+                    raise
+                if exc.status_code != 413:  # advertised but not served: per rollout from now on
+                    self._init_batch_ok = False
+                await asyncio.gather(*(self._init_alone(item) for item in chunk))
+                return
+            results = self._parse(InitBatchResponse, resp).results
+            if len(results) != len(chunk):
+                raise EnvProtocolError(f"POST {self.base_url}/init/batch: {len(results)} results for "
+                                       f"{len(chunk)} requests")
+        except asyncio.CancelledError:
+            for item in chunk:
+                item.future.cancel()
+            raise
+        except Exception as exc:  # what fails the batch fails each init, as it would have failed alone
+            for item in chunk:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, result in zip(chunk, results):
+            self._settle(item, result)
+
+    def _settle(self, item: _PendingInit, result: InitBatchItem) -> None:
+        if item.future.done():
+            return
+        code = result.status_code
+        if 200 <= code < 300:
+            if result.rollout_id not in (None, item.rollout_id):
+                item.future.set_exception(EnvProtocolError(
+                    f"POST {self.base_url}/init/batch for rollout {item.rollout_id!r} answered rollout_id "
+                    f"{result.rollout_id!r}"))
+            else:
+                item.future.set_result(InitResponse(rollout_id=item.rollout_id))
+            return
+        retryable = code == 429 or code >= 500
+        if retryable and item.attempt <= self.max_retries:
+            failure = _Retry()
+            failure.retry_after = result.retry_after
+            self._spawn(self._requeue(item, self._delay(failure, item.attempt)))
+            return
+        error = ErrorResponse(detail=result.detail or f"HTTP {code}", errors=result.errors)
+        item.future.set_exception(http_error(code, error.model_dump_json(exclude_none=True), "POST",
+                                             f"{self.base_url}/init"))
+
+    async def _requeue(self, item: _PendingInit, delay: float) -> None:
+        """The next attempt of an init the server refused for now (429 / 503), after the wait."""
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            item.future.cancel()
+            raise
+        item.attempt += 1
+        self._enqueue(item)
+
+    async def _init_alone(self, item: _PendingInit) -> None:
+        try:
+            response = await self._init_one(item.rollout_id, item.body)
+        except Exception as exc:
+            if not item.future.done():
+                item.future.set_exception(exc)
+            return
+        if not item.future.done():
+            item.future.set_result(response)
 
     async def status(self, rollout_id: str, *, wait_s: float = 0.0) -> StatusResponse:
         """The rollout's status; with wait_s > 0 the server may hold the answer until it is terminal."""

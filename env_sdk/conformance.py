@@ -26,7 +26,15 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from env_sdk.models import PROTOCOL_VERSION, Health, StatusBatchResponse, StatusResponse, VersionResponse
+from env_sdk.models import (
+    CAP_INIT_BATCH,
+    PROTOCOL_VERSION,
+    Health,
+    InitBatchResponse,
+    StatusBatchResponse,
+    StatusResponse,
+    VersionResponse,
+)
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -294,6 +302,28 @@ class Conformance:
             _expect(b.unknown == [ghost], f"unknown = {b.unknown}, expected [{ghost!r}]")
             return "terminal listed, unknown id reported"
 
+        async def init_batch() -> str:
+            resp = await http.get("/version")
+            capabilities: list[str] = []
+            if resp.status_code == 200:
+                with contextlib.suppress(ValueError):
+                    capabilities = VersionResponse.model_validate_json(resp.content).capabilities
+            if CAP_INIT_BATCH not in capabilities:
+                return "skip: optional, not advertised in GET /version capabilities"
+            rid = self.rid("batch")
+            items = [self.body(rid), self.body(rid), {"messages": "hello"}]
+            resp = await http.post("/init/batch", json={"requests": items})
+            _expect(resp.status_code == 200, f"POST /init/batch: HTTP {resp.status_code}: {resp.text[:200]}")
+            b: InitBatchResponse = _shape(InitBatchResponse, resp)
+            codes = [r.status_code for r in b.results]
+            _expect(len(codes) == 3, f"{len(codes)} results for 3 requests")
+            _expect(codes[0] in (200, 202) and codes[1] == 200, f"a new rollout then its repeat: HTTP {codes[:2]}, "
+                                                                "expected 202 (or 200) then 200")
+            _expect(400 <= codes[2] < 500 and bool(b.results[2].detail), f"an invalid item: HTTP {codes[2]}, "
+                                                                         f"detail {b.results[2].detail!r}")
+            await self.wait_terminal(http, rid, self.deadline_s)
+            return f"per item: {'/'.join(map(str, codes))}"
+
         for name, fn in [
             ("health (capacity)", health),
             ("version discovery", version),
@@ -306,6 +336,7 @@ class Conformance:
             ("bad body -> 4xx + message", bad_body),
             ("cancel", cancel),
             ("batched status", batch),
+            ("batched init (optional)", init_batch),
         ]:
             await self.check(name, fn)
 

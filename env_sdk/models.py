@@ -219,6 +219,43 @@ class StatusBatchResponse(BaseModel):
     unknown: list[str] = Field(default_factory=list, description="ids the server does not know (404 for /status)")
 
 
+class FieldError(BaseModel):
+    field: str = Field(description="dotted path of the offending field, e.g. metadata.rollout_id")
+    message: str
+
+
+#: Most InitRequests in one `POST /init/batch`.
+INIT_BATCH_MAX = 1_000
+#: The `VersionResponse.capabilities` entry of a server that serves `POST /init/batch`.
+CAP_INIT_BATCH = "init_batch"
+
+
+class InitBatchRequest(BaseModel):
+    """Body of `POST /init/batch` (optional, advertised as capability `init_batch`): many `/init`s
+    in one request. Each item is validated and admitted on its own, in order, as its own `/init` would be."""
+
+    requests: list[Any] = Field(
+        min_length=1, max_length=INIT_BATCH_MAX,
+        description="InitRequest objects (schemas/InitRequest.json). Each is validated on its own: an invalid "
+                    "one gets its own 422 result and does not fail the request",
+    )
+
+
+class InitBatchItem(BaseModel):
+    """What `POST /init` would have answered for one item of an `InitBatchRequest`."""
+
+    status_code: int = Field(description="202 started, 200 already held, 422 invalid, 429 at capacity, "
+                                         "503 shutting down: the HTTP status `POST /init` would have answered")
+    rollout_id: str | None = Field(default=None, description="the item's metadata.rollout_id, when it has one")
+    detail: str | None = Field(default=None, description="for an error: ErrorResponse.detail")
+    errors: list[FieldError] | None = Field(default=None, description="for 422: ErrorResponse.errors")
+    retry_after: float | None = Field(default=None, description="for 429 / 503: the Retry-After, in seconds")
+
+
+class InitBatchResponse(BaseModel):
+    results: list[InitBatchItem] = Field(description="one per request, in the order sent")
+
+
 class CancelResponse(BaseModel):
     rollout_id: str
     cancelled: bool = Field(description="true when this call stopped a running rollout")
@@ -228,11 +265,8 @@ class VersionResponse(BaseModel):
     protocol_version: str = PROTOCOL_VERSION
     name: str = Field(description="the env server's name")
     sdk: str = Field(default="", description="implementation and version, e.g. openrft-env-sdk/0.1.0")
-
-
-class FieldError(BaseModel):
-    field: str = Field(description="dotted path of the offending field, e.g. metadata.rollout_id")
-    message: str
+    capabilities: list[str] = Field(default_factory=list,
+                                    description="optional features served, e.g. init_batch (POST /init/batch)")
 
 
 class ErrorResponse(BaseModel):

@@ -29,6 +29,8 @@ WIRE_MODELS: dict[str, type[BaseModel]] = {
         models.Status,
         models.StatusBatchRequest,
         models.StatusBatchResponse,
+        models.InitBatchRequest,
+        models.InitBatchResponse,
         models.CancelResponse,
         models.Health,
         models.VersionResponse,

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,14 +29,19 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from env_sdk.models import (
+    CAP_INIT_BATCH,
+    INIT_BATCH_MAX,
     PROTOCOL_VERSION,
     CancelResponse,
     ErrorResponse,
     FieldError,
     Health,
+    InitBatchRequest,
+    InitBatchResponse,
     InitRequest,
     InitResponse,
     RolloutMetadata,
@@ -148,7 +153,7 @@ def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str,
         if not path and where == "body" and err.get("type") == "missing":
             errors.append({"field": "body", "message": "body: required, a JSON object"})
             continue
-        if not path and where == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
+        if not path and where == "body" and err.get("type") in ("model_attributes_type", "model_type", "dict_type"):
             errors.append({"field": "body", "message": "body: must be a JSON object (Content-Type: application/json)"})
             continue
         if where == "query" or where == "path":
@@ -156,6 +161,13 @@ def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str,
         errors.append({"field": path or where, "message": f"{name}: {err.get('msg', 'invalid')}"})
     detail = "; ".join(e["message"] for e in errors) or "invalid request"
     return status_code, detail, errors
+
+
+def _item_rollout_id(item: Any) -> str | None:
+    """metadata.rollout_id of a raw /init/batch item, when it has a string one."""
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    rid = metadata.get("rollout_id") if isinstance(metadata, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 class _LazyModelClient:
@@ -494,18 +506,50 @@ def create_env_app(
         answers 200 and starts nothing. 429 + Retry-After at capacity."""
         return _init(req)
 
-    def _init(req: InitRequest) -> Response:
-        rid = req.metadata.rollout_id
-        body = b'{"status":"accepted","rollout_id":' + json.dumps(rid).encode() + b"}"
-        if rid in server.rollouts:
-            return Response(body, status_code=200, media_type="application/json")
+    def _admit(req: InitRequest) -> tuple[int, str | None]:
+        """What `/init` answers for a valid request: its status code and, for a refusal, why.
+        Starts the rollout when the code is 202."""
+        if req.metadata.rollout_id in server.rollouts:
+            return 200, None
         if server.draining:
-            return _json_error(503, "env server is shutting down", headers={"Retry-After": "1"})
+            return 503, "env server is shutting down"
         if server.running >= server.max_concurrency:
-            return _json_error(429, f"at capacity: {server.running}/{server.max_concurrency} rollouts running",
-                               headers={"Retry-After": "1"})
+            return 429, f"at capacity: {server.running}/{server.max_concurrency} rollouts running"
         server.start(req)
-        return Response(body, status_code=202, media_type="application/json")
+        return 202, None
+
+    def _init(req: InitRequest) -> Response:
+        code, refused = _admit(req)
+        if refused is not None:
+            return _json_error(code, refused, headers={"Retry-After": "1"})
+        body = b'{"status":"accepted","rollout_id":' + json.dumps(req.metadata.rollout_id).encode() + b"}"
+        return Response(body, status_code=code, media_type="application/json")
+
+    def _init_batch(items: Sequence[Any]) -> Response:
+        """Each item validated and admitted on its own, in order: what its own `/init` would answer."""
+        results: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                req = InitRequest.model_validate(item)
+            except ValidationError as exc:
+                code, detail, errors = _field_errors(
+                    RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+                results.append({"status_code": code, "rollout_id": _item_rollout_id(item), "detail": detail,
+                                "errors": errors})
+                continue
+            code, refused = _admit(req)
+            result: dict[str, Any] = {"status_code": code, "rollout_id": req.metadata.rollout_id}
+            if refused is not None:
+                result.update(detail=refused, retry_after=1.0)
+            results.append(result)
+        return Response(json.dumps({"results": results}).encode(), media_type="application/json")
+
+    @app.post("/init/batch", response_model=InitBatchResponse, responses={400: err, 401: err, 413: err, 422: err})
+    async def init_batch(req: InitBatchRequest) -> Response:
+        """Optional (capability `init_batch`): start many rollouts in one request. Each item gets what
+        its own `POST /init` would have answered (202, 200, 422, 429, 503), in order; the request as a
+        whole fails only for what fails every item (body not JSON, token, size)."""
+        return _init_batch(req.requests)
 
     @app.get("/status", response_model=StatusResponse, responses={401: err, 404: err, 422: err})
     async def status(
@@ -543,9 +587,23 @@ def create_env_app(
             return None
         return await _status(rollout_id, float(wait_s))
 
+    async def init_batch_fast(request: Request) -> Response | None:
+        body = await request.body()
+        if not body or request.headers.get("content-type") not in (None, "application/json"):
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        items = data.get("requests") if isinstance(data, dict) else None
+        if not isinstance(items, list) or not 1 <= len(items) <= INIT_BATCH_MAX:
+            return None  # FastAPI's path names what is wrong with the request as a whole
+        return _init_batch(items)
+
+    fast = {"/init": init_fast, "/init/batch": init_batch_fast, "/status": status_fast}
     for route in app.router.routes:
-        if isinstance(route, APIRoute) and route.path in ("/init", "/status"):
-            _fast_path(route, init_fast if route.path == "/init" else status_fast)
+        if isinstance(route, APIRoute) and route.path in fast:
+            _fast_path(route, fast[route.path])
 
     @app.post("/status/batch", response_model=StatusBatchResponse, responses={400: err, 401: err, 413: err, 422: err})
     async def status_batch(req: StatusBatchRequest) -> Response:
@@ -595,6 +653,6 @@ def create_env_app(
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
         """Protocol version and server name; needs no token."""
-        return VersionResponse(name=name, sdk=SDK_VERSION)
+        return VersionResponse(name=name, sdk=SDK_VERSION, capabilities=[CAP_INIT_BATCH])
 
     return app

@@ -33,7 +33,7 @@ def test_sdk_server_passes_every_check(capsys: pytest.CaptureFixture[str], monke
         rc = main([url, "--token", "tok"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.count(PASS) == 11 and FAIL not in out
+    assert out.count(PASS) == 12 and FAIL not in out
     assert "reward 1.0, 1 model call(s)" in out  # the env really called the stub model
 
 
@@ -93,6 +93,7 @@ def test_broken_server_fails_naming_the_checks(capsys: pytest.CaptureFixture[str
     assert got["batched status"] == FAIL
     assert got["version discovery"] == FAIL
     assert got["health (capacity)"] == PASS and got["init accepted fast"] == PASS
+    assert got["batched init (optional)"] == SKIP  # not advertised: not sent
     details = {r.name: r.detail for r in results}
     assert "HTTP 200, expected 404" in details["unknown id -> 404"]
     assert "malformed JSON: HTTP 500" in details["bad body -> 4xx + message"]

@@ -39,6 +39,10 @@ def flaky_app(failures: list[tuple[int, dict[str, str]]]) -> FastAPI:
     app = FastAPI()
     app.state.calls = 0
 
+    @app.get("/version")  # the client's one capability probe: answered, not counted, no failure spent
+    async def version() -> JSONResponse:
+        return JSONResponse({"protocol_version": "1", "name": "flaky"})
+
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def any_route(path: str, request: Request) -> JSONResponse:
         app.state.calls += 1

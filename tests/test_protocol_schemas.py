@@ -16,7 +16,8 @@ from env_sdk.schema import PROTOCOL_DIR, WIRE_MODELS, main, stale, write
 EXAMPLES = sorted((PROTOCOL_DIR / "examples").glob("*.json"))
 SPEC = (PROTOCOL_DIR / "SPEC.md").read_text()
 ENDPOINT_MODELS = ["InitRequest", "InitResponse", "StatusResponse", "StatusBatchRequest", "StatusBatchResponse",
-                   "CancelResponse", "Health", "VersionResponse", "ErrorResponse"]
+                   "InitBatchRequest", "InitBatchResponse", "CancelResponse", "Health", "VersionResponse",
+                   "ErrorResponse"]
 
 
 def test_checked_in_schemas_are_fresh(capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,7 +60,8 @@ def test_schemas_reject_what_the_server_rejects() -> None:
 
 def test_openapi_has_exactly_the_spec_endpoints() -> None:
     openapi = json.loads((PROTOCOL_DIR / "openapi.json").read_text())
-    assert sorted(openapi["paths"]) == ["/cancel", "/health", "/init", "/status", "/status/batch", "/version"]
+    assert sorted(openapi["paths"]) == ["/cancel", "/health", "/init", "/init/batch", "/status", "/status/batch",
+                                        "/version"]
     for path in openapi["paths"]:
         assert f"{path}`" in SPEC or f"{path}?" in SPEC, path
 

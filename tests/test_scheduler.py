@@ -80,6 +80,8 @@ def env() -> Any:
     async def keep_init_bodies(request: Request, call_next: Any) -> Any:
         if request.url.path == "/init":
             app.state.inits.append(await request.body())
+        elif request.url.path == "/init/batch":  # the inits of a group, sent together
+            app.state.inits += [json.dumps(item).encode() for item in json.loads(await request.body())["requests"]]
         return await call_next(request)
 
     with serve_app(app) as url:
