@@ -5,7 +5,13 @@
 
 A lifecycle is: POST /init, then status until terminal. Modes:
   poll   each rollout waits on its own `GET /status` (long-poll `wait_s`; the bare app answers at once)
-  batch  one collector long-polls `POST /status/batch` for every rollout in flight (openrft only)
+  batch  the trainer's code path: `EnvClient.init` per rollout (the inits of one event-loop turn travel
+         as one `POST /init/batch`) and one collector on `EnvClient.wait_many` (`POST /status/batch`
+         long-polls) for every rollout in flight (openrft only)
+
+The headline (last line) is the trainer's side: rollouts tracked to completion per client
+CPU-second in batch mode at the highest in-flight level, against issue 7's target of 1,000/s on
+one core with 1,024 in flight.
 
 Each server runs in its own process (uvicorn, one worker), pinned to a different core than this
 client where the machine has two; both processes' CPU use is reported, since at high concurrency
@@ -151,6 +157,11 @@ class Cell:
         """Fraction of one core used while measuring."""
         return cpu_s / self.wall if self.wall else float("nan")
 
+    @property
+    def per_client_cpu_s(self) -> float:
+        """Lifecycles per CPU-second of this client: what one trainer core can track."""
+        return self.done / self.client_cpu_s if self.client_cpu_s else float("nan")
+
     def per_lifecycle_ms(self, cpu_s: float) -> float:
         """CPU milliseconds per lifecycle: robust to a machine shared with other work."""
         return cpu_s * 1000 / self.done if self.done else float("nan")
@@ -164,6 +175,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 _ids = itertools.count()
+#: Issue 7: the trainer's side tracks >= 1,000 rollouts to completion per second on one core.
+TARGET_PER_CPU_S = 1000
 
 
 def make_request(rid: str) -> InitRequest:
@@ -297,21 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"protocol lifecycles, no-op agent (server: uvicorn {http}+{loop}, 1 worker; client: "
                         f"EnvClient, {args.connections} connections; {os.cpu_count()} cores; {args.duration:g}s per row)")
     for col in ["server", "mode", "in flight", "lifecycles/s", "init p50 ms", "init p99 ms", "life p50 ms",
-                "life p99 ms", "client CPU", "server CPU", "client CPU ms/lc", "server CPU ms/lc"]:
+                "life p99 ms", "client CPU", "server CPU", "client CPU ms/lc", "server CPU ms/lc",
+                "lc per client CPU-s"]:
         table.add_column(col, justify="left" if col in ("server", "mode") else "right")
     for c in cells:
         table.add_row(c.server, c.mode, str(c.inflight), f"{c.rate:.0f}", f"{pct(c.init_ms, 0.5):.2f}",
                       f"{pct(c.init_ms, 0.99):.2f}", f"{pct(c.life_ms, 0.5):.2f}", f"{pct(c.life_ms, 0.99):.2f}",
                       f"{c.share(c.client_cpu_s):.0%}", f"{c.share(c.server_cpu_s):.0%}",
-                      f"{c.per_lifecycle_ms(c.client_cpu_s):.2f}", f"{c.per_lifecycle_ms(c.server_cpu_s):.2f}")
+                      f"{c.per_lifecycle_ms(c.client_cpu_s):.2f}", f"{c.per_lifecycle_ms(c.server_cpu_s):.2f}",
+                      f"{c.per_client_cpu_s:.0f}")
     console = Console()
     console.print(table)
     by = {(c.server, c.mode, c.inflight): c for c in cells}
     for n in args.inflight:
         o, b, ob = by[("openrft", "poll", n)], by[("bare", "poll", n)], by[("openrft", "batch", n)]
+        server_ratio = o.per_lifecycle_ms(o.server_cpu_s) / b.per_lifecycle_ms(b.server_cpu_s)
         console.print(f"in flight {n:5d}: lifecycles/s openrft/bare (poll) = {o.rate / b.rate:.2f}, "
                       f"openrft batch/bare poll = {ob.rate / b.rate:.2f}; server CPU per lifecycle "
-                      f"openrft/bare = {o.per_lifecycle_ms(o.server_cpu_s) / b.per_lifecycle_ms(b.server_cpu_s):.2f}")
+                      f"openrft/bare = {server_ratio:.2f}", soft_wrap=True)
+    top = by[("openrft", "batch", max(args.inflight))]
+    console.print(f"trainer side (EnvClient.init + wait_many), {top.inflight} in flight: {top.per_client_cpu_s:.0f} "
+                  f"rollouts per client CPU-second ({top.per_lifecycle_ms(top.client_cpu_s):.2f} ms each) = "
+                  f"{top.per_client_cpu_s / TARGET_PER_CPU_S:.2f}x the {TARGET_PER_CPU_S:,}/s target", soft_wrap=True)
     return 0
 
 
