@@ -2,12 +2,16 @@
 
     python bench/protocol.py                      # 1, 64, 1024 in flight; openrft vs a bare FastAPI app
     python bench/protocol.py --duration 3 --inflight 64 --stack fast
+    git show 141862e:env_sdk/client.py > /tmp/old_client.py && python bench/protocol.py --baseline-client /tmp/old_client.py
 
 A lifecycle is: POST /init, then status until terminal. Modes:
   poll   each rollout waits on its own `GET /status` (long-poll `wait_s`; the bare app answers at once)
   batch  the trainer's code path: `EnvClient.init` per rollout (the inits of one event-loop turn travel
          as one `POST /init/batch`) and one collector on `EnvClient.wait_many` (`POST /status/batch`
          long-polls) for every rollout in flight (openrft only)
+
+With --baseline-client, rows named "baseline" run an older EnvClient against the same openrft
+server, interleaved with the others: the client's before/after in one run.
 
 The headline (last line) is the trainer's side: rollouts tracked to completion per client
 CPU-second in batch mode at the highest in-flight level, against issue 7's target of 1,000/s on
@@ -103,6 +107,18 @@ def free_port() -> int:
 def _pin(core: int) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {core})
+
+
+def load_client(path: Path) -> type[EnvClient]:
+    """EnvClient from another copy of env_sdk/client.py (it imports env_sdk's models and errors)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_client", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline-client {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EnvClient  # type: ignore[no-any-return]
 
 
 def start_server(kind: str, stack: str, pin: bool) -> tuple[subprocess.Popen[bytes], str]:
@@ -249,13 +265,19 @@ PLAN = [("openrft", "poll"), ("bare", "poll"), ("openrft", "batch")]
 
 
 async def measure(servers: dict[str, tuple[str, int]], levels: list[int], duration: float, rounds: int,
-                  linger_s: float, connections: int) -> list[Cell]:
-    cells = {(server, mode, n): Cell(server, mode, n) for n in levels for server, mode in PLAN}
+                  linger_s: float, connections: int, baseline: type[EnvClient] | None = None) -> list[Cell]:
+    """Every PLAN row at every level; with `baseline` (another EnvClient class), also its rows
+    against the openrft server, named "baseline"."""
+    plan = PLAN + ([("baseline", "poll"), ("baseline", "batch")] if baseline else [])
+    cells = {(server, mode, n): Cell(server, mode, n) for n in levels for server, mode in plan}
     envs = {name: EnvClient(url, max_connections=connections, timeout=60) for name, (url, _) in servers.items()}
+    if baseline is not None:
+        envs["baseline"] = baseline(servers["openrft"][0], max_connections=connections, timeout=60)
+        servers = {**servers, "baseline": servers["openrft"]}
     try:
         for n in levels:
             for r in range(rounds):
-                for server, mode in PLAN:
+                for server, mode in plan:
                     cell, env, pid = cells[(server, mode, n)], envs[server], servers[server][1]
                     if r == 0:
                         await run_cell(env, cell, min(1.0, duration / 4), linger_s, measure=False)  # warm-up
@@ -264,7 +286,7 @@ async def measure(servers: dict[str, tuple[str, int]], levels: list[int], durati
                     cell.wall += time.perf_counter() - t0
                     cell.client_cpu_s += time.process_time() - c0
                     cell.server_cpu_s += cpu_seconds(pid) - s0
-            for server, mode in PLAN:
+            for server, mode in plan:
                 c = cells[(server, mode, n)]
                 print(f"  {server:8s} {mode:5s} {n:5d} in flight: {c.rate:8.0f} lifecycles/s", flush=True)
     finally:
@@ -283,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linger", type=float, default=0.01, help="linger_s of the batch mode's long-polls")
     p.add_argument("--connections", type=int, default=8,
                    help="the client's max_connections (httpx scans every pooled connection per request: few is cheaper)")
+    p.add_argument("--baseline-client", type=Path, metavar="FILE",
+                   help="an older env_sdk/client.py (git show REV:env_sdk/client.py > FILE): its EnvClient runs "
+                        "the poll and batch rows against the same openrft server, interleaved (before/after in one run)")
     p.add_argument("--no-pin", action="store_true", help="let the OS place client and server (busy machines)")
     p.add_argument("--serve", choices=["openrft", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -299,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("openrft", "bare"):
             procs[name], url = start_server(name, args.stack, not args.no_pin)
             servers[name] = (url, procs[name].pid)
+        baseline = load_client(args.baseline_client) if args.baseline_client else None
         cells = asyncio.run(measure(servers, args.inflight, args.duration, args.rounds, args.linger,
-                                    args.connections))
+                                    args.connections, baseline))
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -328,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"in flight {n:5d}: lifecycles/s openrft/bare (poll) = {o.rate / b.rate:.2f}, "
                       f"openrft batch/bare poll = {ob.rate / b.rate:.2f}; server CPU per lifecycle "
                       f"openrft/bare = {server_ratio:.2f}", soft_wrap=True)
+    if args.baseline_client:
+        for n in args.inflight:
+            ratios = [by[("baseline", m, n)].per_lifecycle_ms(by[("baseline", m, n)].client_cpu_s)
+                      / by[("openrft", m, n)].per_lifecycle_ms(by[("openrft", m, n)].client_cpu_s) for m in ("poll", "batch")]
+            console.print(f"in flight {n:5d}: client CPU per lifecycle baseline/now: poll {ratios[0]:.2f}, "
+                          f"batch {ratios[1]:.2f}", soft_wrap=True)
     top = by[("openrft", "batch", max(args.inflight))]
     console.print(f"trainer side (EnvClient.init + wait_many), {top.inflight} in flight: {top.per_client_cpu_s:.0f} "
                   f"rollouts per client CPU-second ({top.per_lifecycle_ms(top.client_cpu_s):.2f} ms each) = "
