@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
 from trainer.backend import GenerationBackend
@@ -108,6 +111,20 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def _serve_plain(app: FastAPI, path: str, handle: Callable[[Request], Awaitable[Response]]) -> None:
+    """Serve the route at `path` by calling `handle` on the request, skipping FastAPI's dependency
+    solving (~100 us of a ~200 us request on the tiny model). The route's own endpoint only takes
+    the path ids and calls `handle` too, so the OpenAPI document, built from it, is unchanged, and
+    so are the errors: `handle` raises the APIErrors that the app's handlers answer."""
+    route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == path)
+
+    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+    route.app = plain
 
 
 @dataclass
@@ -196,14 +213,9 @@ class Gateway:
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
         ) -> Response:
-            path_ids = dict(
-                rollout_id=rollout_id, invocation_id=invocation_id, experiment_id=experiment_id, run_id=run_id, row_id=row_id
-            )
-            opened = self._authorize(request, path_ids)
-            completion = await self.completer.complete(await read_json(request))
-            if self._open.get(rollout_id) is opened:  # not closed while generating
-                self._record(opened, completion)
-            return completion_response(completion)
+            return await self._chat_completions(request)
+
+        _serve_plain(app, ROLLOUT_PATH + "/chat/completions", self._chat_completions)
 
         @app.get(ROLLOUT_PATH + "/models", responses={401: _ERROR, 403: _ERROR, 404: _ERROR})
         async def rollout_models(
@@ -229,6 +241,13 @@ class Gateway:
             return {"status": "ok", "open_rollouts": len(self._open)}
 
         return app
+
+    async def _chat_completions(self, request: Request) -> Response:
+        opened = self._authorize(request, request.path_params)
+        completion = await self.completer.complete(await read_json(request))
+        if self._open.get(request.path_params["rollout_id"]) is opened:  # not closed while generating
+            self._record(opened, completion)
+        return completion_response(completion)
 
     def _authorize(self, request: Request, path_ids: dict[str, str]) -> _Open:
         rid = path_ids["rollout_id"]
