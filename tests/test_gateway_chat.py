@@ -153,6 +153,27 @@ async def test_bad_chat_bodies_are_400_naming_the_field(live) -> None:  # type: 
     assert gateway.record("r-bad").calls == []
 
 
+async def test_repeated_messages_render_the_same_prompt_and_errors_repeat(live, loaded) -> None:  # type: ignore[no-untyped-def]
+    """The gateway renders a message list once (a GRPO group sends the same one n times): the
+    prompt stays what the template gives for those messages and tools, and a bad list stays a 400."""
+    gateway, _, base = live
+    _, tokenizer = loaded
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    prompts = []
+    for k, tools in enumerate([None, None, TOOLS, None]):
+        oa = client(gateway, base, f"r-same-{k}")
+        await oa.chat.completions.create(model="policy", messages=messages, max_tokens=1, **({"tools": tools} if tools else {}))
+        prompts.append(gateway.record(f"r-same-{k}").calls[0].prompt_ids)
+    plain = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert prompts[0] == prompts[1] == prompts[3] == plain
+    assert prompts[2] == tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, return_dict=False)
+    oa = client(gateway, base, "r-same-bad")
+    for _ in range(2):
+        with pytest.raises(BadRequestError) as err:
+            await oa.chat.completions.create(model="policy", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+        assert isinstance(err.value.body, dict) and err.value.body["param"] == "messages[0].content[0]"
+
+
 async def test_multi_turn_tool_conversation_records_the_whole_dialogue(loaded) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = loaded
     seen: list[str] = []
