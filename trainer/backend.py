@@ -226,6 +226,10 @@ class TransformersBackend:
                     self.model.train()
 
 
+#: Sampling uniforms drawn per row at a time.
+_DRAWS = 64
+
+
 @dataclass
 class _Row:
     request: _Request
@@ -236,6 +240,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     prompt_logits: torch.Tensor | None = None  # next-token logits right after the prompt
+    draws: list[float] = field(default_factory=list)  # this row's coming sampling uniforms
 
 
 class _Decoder:
@@ -401,11 +406,7 @@ class _Decoder:
         assert self.mask is not None and self.next_pos is not None and self.logits is not None
         assert self.temps is not None and self.top_ps is not None
         backend = self.backend
-        draws = [float(torch.rand(1, generator=row.generator)) if row.generator is not None else -1.0 for row in self.rows]
-        uniforms = torch.tensor(draws)
-        shared = uniforms < 0
-        if shared.any():
-            uniforms[shared] = torch.rand(int(shared.sum()), generator=backend._rng)
+        uniforms = torch.tensor([self._uniform(row) for row in self.rows])
         sampled = _sample(self.logits, self.temps, self.top_ps, uniforms.to(self.device))
         chosen = torch.log_softmax(self.logits, dim=-1).gather(1, sampled[:, None])[:, 0]
         backend.stats.generated_tokens += len(self.rows)
@@ -438,6 +439,18 @@ class _Decoder:
         backend.stats.forward_calls += 1
         self.next_pos = self.next_pos + 1
         self.logits = out.logits[:, -1, :].float()
+
+    def _uniform(self, row: _Row) -> float:
+        """The row's next U[0,1) draw, from its own generator when seeded, else the backend's. Drawn
+        _DRAWS at a time: one torch call per row every _DRAWS steps instead of every step (the
+        same numbers as one at a time)."""
+        k = len(row.tokens) % _DRAWS
+        if k == 0:
+            import torch
+
+            generator = row.generator if row.generator is not None else self.backend._rng
+            row.draws = torch.rand(_DRAWS, generator=generator).tolist()
+        return row.draws[k]
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows `keep`; drop leading columns none of them attends to."""
