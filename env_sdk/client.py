@@ -50,6 +50,9 @@ MAX_WAIT_S = 30.0
 BATCH_MAX_IDS = 10_000
 #: Most bytes in one POST /init/batch from this client (the reference server caps bodies at 4 MiB).
 INIT_BATCH_MAX_BYTES = 1024 * 1024
+#: Longest wait for the answer to a POST /init/batch before its inits go one by one (servers answer
+#: /init before running anything: the reference server in about a millisecond).
+INIT_BATCH_TIMEOUT_S = 2.0
 #: Longest Retry-After honoured; a server asking for more gets this.
 MAX_RETRY_AFTER_S = 30.0
 
@@ -106,6 +109,7 @@ class EnvClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self._timeout = httpx.Timeout(timeout, pool=None)
+        self._batch_timeout = httpx.Timeout(min(timeout, INIT_BATCH_TIMEOUT_S), pool=None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -280,11 +284,15 @@ class EnvClient:
         content = b'{"requests":[' + b",".join(item.body for item in chunk) + b"]}"
         try:
             try:
-                resp = await self._request("POST", "/init/batch", content=content)
-            except EnvHTTPError as exc:
-                if exc.status_code not in (404, 405, 413):
+                resp = await self._send("POST", "/init/batch", None, content, self._batch_timeout)
+            except (_Retry, EnvHTTPError) as exc:
+                # One attempt only. No answer in time, a transport error, a 5xx or 429 for the whole
+                # batch: each init goes alone, with /init's own retries (idempotent, so an item the
+                # server did start answers 200), so one item that hangs the server's /init/batch
+                # delays the others by INIT_BATCH_TIMEOUT_S at most. 404/405: not served after all.
+                if isinstance(exc, EnvHTTPError) and exc.status_code not in (404, 405, 413):
                     raise
-                if exc.status_code != 413:  # advertised but not served: per rollout from now on
+                if isinstance(exc, EnvHTTPError) and exc.status_code != 413:
                     self._init_batch_ok = False
                 await asyncio.gather(*(self._init_alone(item) for item in chunk))
                 return

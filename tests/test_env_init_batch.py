@@ -5,6 +5,7 @@ advertise it. Real servers on loopback; a counting ASGI wrapper shows which requ
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -25,6 +26,7 @@ from env_sdk import (
     Task,
     create_env_app,
 )
+from env_sdk.client import INIT_BATCH_TIMEOUT_S
 from tests.helpers import serve_app
 from trainer.config import EnvEndpoint
 from trainer.scheduler import EnvPool, ExternalEndpoint, RolloutScheduler
@@ -167,6 +169,25 @@ def foreign_app(advertise: bool) -> FastAPI:
             return {"protocol_version": "1", "name": "liar", "capabilities": ["init_batch"]}
 
     return app
+
+
+async def test_a_batch_without_an_answer_goes_one_init_at_a_time() -> None:
+    """A server whose /init/batch hangs (or fails) costs the inits at most INIT_BATCH_TIMEOUT_S."""
+    app = foreign_app(advertise=True)
+
+    @app.post("/init/batch")
+    async def hang() -> None:
+        await asyncio.sleep(INIT_BATCH_TIMEOUT_S + 1)  # past the client's patience; then the server may stop
+
+    counting = counted(app)
+    with serve_app(counting) as url:
+        async with EnvClient(url) as env:
+            t0 = time.monotonic()
+            started = await asyncio.gather(*(env.init(request(f"h{i}")) for i in range(4)))
+            took = time.monotonic() - t0
+    assert [s.rollout_id for s in started] == ["h0", "h1", "h2", "h3"]
+    assert counting.calls[("POST", "/init/batch")] == 1 and counting.calls[("POST", "/init")] == 4
+    assert INIT_BATCH_TIMEOUT_S <= took < INIT_BATCH_TIMEOUT_S + 5
 
 
 @pytest.mark.parametrize("advertise", [False, True])

@@ -9,7 +9,8 @@ fault into what concerns the rollouts whose id matches --match (all by default),
 --times such occasions (all by default), at most --per-rollout times for one rollout id.
 `GET /_events` (never faulted, no token) reports what the server saw and did, per rollout id: /init
 requests and their answers, agent starts, faults injected, and what the gateway answered to the
-`cross` agent's foreign calls.
+`cross` agent's foreign calls. The /init faults hit each item of a POST /init/batch as they would
+its own /init (the item's result is what that /init answered).
 
 Faults (KIND):
   none            behave (only --delay applies)
@@ -173,6 +174,9 @@ class FaultLayer:
         if path == "/init" and scope["method"] == "POST":
             await self._init(scope, await _read_body(receive), send)
             return
+        if path == "/init/batch" and scope["method"] == "POST":
+            await self._init_batch(scope, await _read_body(receive), send)
+            return
         if path == "/status/batch" and scope["method"] == "POST":
             await self._batch(scope, await _read_body(receive), send)
             return
@@ -220,6 +224,38 @@ class FaultLayer:
             return
         await self.app(scope, _replay(body), watch)
         f.inits[rid].append((time.time(), answer[0] if answer else 0))
+
+    async def _init_batch(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
+        """Each item in turn through `_init`, as its own POST /init (faults and all), its answer
+        turned into the item's result: a hung item hangs the batch, a 500 is that item's 500."""
+        try:
+            items = json.loads(body)["requests"]
+        except (ValueError, KeyError, TypeError):
+            items = None
+        if not isinstance(items, list):
+            await self.app(scope, _replay(body), send)
+            return
+        results = []
+        for item in items:
+            start: dict[str, Any] = {}
+            chunks: list[bytes] = []
+
+            async def capture(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    start.update(message)
+                else:
+                    chunks.append(message.get("body", b""))
+
+            await self._init({**scope, "path": "/init", "raw_path": b"/init"}, json.dumps(item).encode(), capture)
+            code, answer = start.get("status", 500), json.loads(b"".join(chunks) or b"{}")
+            result: dict[str, Any] = {"status_code": code, "rollout_id": answer.get("rollout_id")}
+            if code >= 400:
+                headers = {k.lower(): v for k, v in start.get("headers", [])}
+                retry_after = headers.get(b"retry-after")
+                result.update(detail=answer.get("detail", ""), errors=answer.get("errors"),
+                              retry_after=float(retry_after) if retry_after else None)
+            results.append(result)
+        await _send_json(send, 200, json.dumps({"results": results}).encode())
 
     async def _batch(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
         f = self.faults
