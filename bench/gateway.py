@@ -1,16 +1,23 @@
 """Gateway overhead: the same batch of completions through the gateway vs the backend called
 directly.
 
-    python -m bench.gateway [--model DIR] [--rollouts 64] [--max-tokens 64] [--rounds 5]
+    python -m bench.gateway [--model DIR|smollm2] [--rollouts 64] [--max-tokens 64] [--rounds 5] [--threads N]
 
 All paths generate the very same tokens (same prompt ids, same per-request seeds), so the
-differences are what sits in front of the backend. The requests come from a separate
-process, as envs are, one rollout (URL + key) per request, all sent at once:
+differences are what sits in front of the backend. `direct` does what a caller of the
+backend must do itself: render the chat template, tokenize, generate, decode the text; the
+difference is then HTTP and the gateway's own work (validation, auth, tool-call parsing,
+recording, the response). The requests come from a separate process, as envs are, one
+rollout (URL + key) per request, all sent at once:
 
 - `gateway`: a lean HTTP/1.1 client on open keep-alive connections, so the time is the
   gateway's (uvicorn, validation, chat rendering, recording, response) and not the client's;
 - `gateway+openai`: the official `openai` client per rollout over one shared pooled httpx
   client, as env_sdk's server makes them: what an env actually pays, client included.
+
+torch gets the trainer's CPU default of threads (`threads` unset: one less than the cores, at
+least 1), since the gateway shares the process with the backend: with a thread per core, any
+request the event loop serves stalls torch's other threads (OpenMP waits for the slowest).
 
 The last line is the ratio gateway / direct of the median wall times (target <= 1.05).
 """
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import tempfile
 import threading
@@ -31,6 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import torch
 import uvicorn
 from openai import AsyncOpenAI
 
@@ -39,6 +48,7 @@ from trainer.backend import SamplingParams, TransformersBackend
 from trainer.chat import render_prompt
 from trainer.gateway import Gateway
 from trainer.models import build_tiny_model, load_model
+from trainer.smollm2 import convert_smollm2
 
 PATHS = ("direct", "gateway", "gateway+openai")
 
@@ -123,11 +133,15 @@ def _env_process(conn: Connection, base: str) -> None:
 # --- the trainer's process --------------------------------------------------------------------
 
 
-async def _direct(backend: TransformersBackend, prompts: list[list[int]], max_tokens: int) -> int:
-    gens = await asyncio.gather(
-        *(backend.generate(p, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i)) for i, p in enumerate(prompts))
-    )
-    return sum(len(g.token_ids) for g in gens)
+async def _direct_one(backend: TransformersBackend, tokenizer: Any, i: int, max_tokens: int) -> int:
+    prompt = render_prompt(tokenizer, _messages(i))
+    gen = await backend.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i))
+    tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+    return len(gen.token_ids)
+
+
+async def _direct(backend: TransformersBackend, tokenizer: Any, rollouts: int, max_tokens: int) -> int:
+    return sum(await asyncio.gather(*(_direct_one(backend, tokenizer, i, max_tokens) for i in range(rollouts))))
 
 
 def _open_rollouts(gateway: Gateway, base: str, tag: str, rollouts: int) -> list[tuple[str, str]]:
@@ -153,39 +167,41 @@ async def run(model_dir: Path, rollouts: int, max_tokens: int, rounds: int) -> f
     model, tokenizer = load_model(model_dir)
     backend = TransformersBackend(model, tokenizer, max_batch_size=rollouts)
     gateway = Gateway(backend, tokenizer)
-    prompts = [render_prompt(tokenizer, _messages(i)) for i in range(rollouts)]
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     tokens: dict[str, int] = {}
     batches: dict[str, list[int]] = {}
+    forwards: dict[str, int] = {}
     ctx = multiprocessing.get_context("spawn")
     with _Server(gateway.app) as base:
         conn, child = ctx.Pipe()
         envs = ctx.Process(target=_env_process, args=(child, base), daemon=True)
         envs.start()
-        await _direct(backend, prompts, 4)  # warm up every path
+        await _direct(backend, tokenizer, rollouts, 4)  # warm up every path
         for kind in PATHS[1:]:
             await _remote(conn, kind, _open_rollouts(gateway, base, f"warm-{kind}", rollouts), 4)
         for r in range(rounds):
             for name in PATHS[r % 3 :] + PATHS[: r % 3]:  # rotate the order
-                seen = len(backend.stats.batch_sizes)
+                seen, calls = len(backend.stats.batch_sizes), backend.stats.forward_calls
                 if name == "direct":
                     start = time.perf_counter()
-                    tokens[name] = await _direct(backend, prompts, max_tokens)
+                    tokens[name] = await _direct(backend, tokenizer, rollouts, max_tokens)
                     times[name].append(time.perf_counter() - start)
                 else:
                     opened = _open_rollouts(gateway, base, f"{name}-{r}", rollouts)
                     tokens[name], wall = await _remote(conn, name, opened, max_tokens)
                     times[name].append(wall)
                 batches[name] = backend.stats.batch_sizes[seen:]
+                forwards[name] = backend.stats.forward_calls - calls
         conn.send(None)
         envs.join(timeout=30)
     backend.close()
     assert len(set(tokens.values())) == 1, tokens  # the same work on every path
-    print(f"{rollouts} concurrent completions x {max_tokens} tokens, model {model_dir}, {rounds} rounds (median)")
-    print(f"{'path':<16}{'wall s':>9}{'tokens':>8}{'tokens/s':>10}  batches (rows at start; later ones joined)")
+    print(f"{rollouts} concurrent completions x {max_tokens} tokens, model {model_dir}, {rounds} rounds (median), "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'path':<16}{'wall s':>9}{'tokens':>8}{'tokens/s':>10}{'forwards':>10}  batches (rows at start; later ones joined)")
     for name in PATHS:
         wall = statistics.median(times[name])
-        print(f"{name:<16}{wall:>9.3f}{tokens[name]:>8}{tokens[name] / wall:>10.1f}  {batches[name]}")
+        print(f"{name:<16}{wall:>9.3f}{tokens[name]:>8}{tokens[name] / wall:>10.1f}{forwards[name]:>10}  {batches[name]}")
     direct = statistics.median(times["direct"])
     with_client = statistics.median(times["gateway+openai"]) / direct
     ratio = statistics.median(times["gateway"]) / direct
@@ -196,13 +212,18 @@ async def run(model_dir: Path, rollouts: int, max_tokens: int, rounds: int) -> f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="model directory (default: a fresh tiny model)")
+    parser.add_argument("--model", default=None, help="model directory, or smollm2 (default: a fresh tiny model)")
     parser.add_argument("--rollouts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="torch threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or build_tiny_model(Path(tmp) / "tiny")
+        if args.model == "smollm2":
+            model_dir = convert_smollm2()
+        else:
+            model_dir = Path(args.model) if args.model else build_tiny_model(Path(tmp) / "tiny")
         asyncio.run(run(model_dir, args.rollouts, args.max_tokens, args.rounds))
     return 0
 
