@@ -17,7 +17,14 @@ bwrap:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q bubblewrap || (apt-get update -q && apt-get install -y -q bubblewrap)); } \
 	  || echo "warning: bubblewrap not installed; the code sandbox falls back to weaker isolation (see env_sdk/sandbox.py)"
 
-install: $(BIN)/openrft bwrap
+# jemalloc: `openrft train/eval/serve/demo` run under it when installed (trainer/allocator.py); glibc's
+# malloc leaves the learner's freed activations resident (SmolLM2 step peak ~0.6 GB higher).
+jemalloc:
+	@[ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ] \
+	  || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q libjemalloc2 || (apt-get update -q && apt-get install -y -q libjemalloc2)); } \
+	  || echo "note: libjemalloc2 not installed; training uses glibc's malloc (more resident memory, same results)"
+
+install: $(BIN)/openrft bwrap jemalloc
 
 demo: install
 	$(BIN)/openrft demo
@@ -25,4 +32,4 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-.PHONY: install bwrap demo test
+.PHONY: install bwrap jemalloc demo test

@@ -7,9 +7,11 @@ vowels in the reply (continuous, so groups rarely tie and both sides train every
 scores in-process; openrft's reward comes from a real env server (its own subprocess) whose agent
 calls the policy through the trainer's gateway, as in production. Each side runs in its own
 subprocess so that its peak memory (ru_maxrss) is its own; the env server's is not counted.
+openrft's side runs under the allocator `openrft train` picks for itself (jemalloc when installed,
+trainer/allocator.py); `openrft-ckpt` is the same side with grpo.gradient_checkpointing on.
 
     python bench/vs_trl.py                        # the tiny model, 8 prompts x 4, 32 new tokens
-    python bench/vs_trl.py --model smollm2 --steps 3
+    python bench/vs_trl.py --model smollm2 --steps 3 --sides openrft openrft-ckpt trl
 
 Seconds per step are the median over the steps after the first (the first warms up). TRL runs
 with its own defaults for everything not named above (notably gradient_checkpointing=True).
@@ -35,9 +37,10 @@ if __package__ in (None, ""):  # run as `python bench/vs_trl.py`: import this ch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.vs_openenv import REPO_ROOT, ServerProcess
+from trainer.allocator import preload_env
 
 BASELINE_INSTALL = "pip install -e '.[bench]'   # or: pip install trl==1.16.0"
-SIDES = ("openrft", "trl")
+SIDES = ("openrft", "openrft-ckpt", "trl")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -100,7 +103,7 @@ def vowel_env_app() -> Any:
 # --- the two sides (each runs in its own subprocess) --------------------------------------------
 
 
-def run_openrft(w: Workload, env_url: str, work: Path) -> SideResult:
+def run_openrft(w: Workload, env_url: str, work: Path, *, checkpointing: bool = False) -> SideResult:
     from trainer.config import load_config
     from trainer.run import train
 
@@ -111,11 +114,12 @@ def run_openrft(w: Workload, env_url: str, work: Path) -> SideResult:
         f"lora.rank={w.lora_rank}", f"lora.alpha={2 * w.lora_rank}", f"lora.target_modules=[{', '.join(LORA_TARGETS)}]",
         f"optim.lr={w.lr}", "grpo.kl_coef=0", "grpo.loss_agg=token_mean", "grpo.clip_eps_low=0.2",
         "grpo.clip_eps_high=0.28", f"grpo.micro_batch_size={w.micro_batch}", f"checkpoint_every={w.steps + 1}",
+        f"grpo.gradient_checkpointing={'true' if checkpointing else 'false'}",
         f"threads={w.threads}", "device=cpu", "dtype=float32", f"seed={w.seed}", "progress=false",
         f"generation.max_batch_size={w.prompts * w.group}",
     ])
     run_dir = train(config)
-    result = SideResult("openrft")
+    result = SideResult("openrft-ckpt" if checkpointing else "openrft")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         result.step_s.append(m["time/step"])
@@ -187,7 +191,10 @@ def side_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     w = Workload(**json.loads(args.workload))
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.side}-") as tmp:
-        result = run_openrft(w, args.env_url, Path(tmp)) if args.side == "openrft" else run_trl(w, Path(tmp))
+        if args.side == "trl":
+            result = run_trl(w, Path(tmp))
+        else:
+            result = run_openrft(w, args.env_url, Path(tmp), checkpointing=args.side == "openrft-ckpt")
     result.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     args.out.write_text(json.dumps(asdict(result)))
     return 0
@@ -200,6 +207,8 @@ def run_side(side: str, w: Workload, *, env_url: str, work: Path, timeout_s: flo
            "--env-url", env_url, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if side != "trl":  # what `openrft train` does for itself before it starts
+        env = preload_env(env) or env
     with open(log, "wb") as fh:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
     if proc.returncode != 0 or not out.is_file():
@@ -243,7 +252,7 @@ def run(w: Workload, sides: list[str], *, rounds: int = 1, timeout_s: float = 18
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         work = Path(tmp)
         server = ServerProcess("vowel-env", workers=1, http="auto", log_dir=work, factory="bench.vs_trl:vowel_env_app") \
-            if "openrft" in sides else None
+            if any(s != "trl" for s in sides) else None
         try:
             if server:
                 server.wait_ready()
@@ -275,12 +284,14 @@ def table(results: list[SideResult]) -> str:
 
 def ratio_line(results: list[SideResult]) -> str:
     by = {r.side: r for r in results}
-    if "openrft" not in by or "trl" not in by:
+    ours = [r for r in results if r.side != "trl"]
+    if not ours or "trl" not in by:
         return "RATIOS openrft/trl: n/a (one side missing)"
-    ours, theirs = by["openrft"], by["trl"]
-    return (f"RATIOS openrft/trl: step_time={ours.median_step_s / theirs.median_step_s:.2f} "
-            f"tokens_per_s={ours.tokens_per_s / theirs.tokens_per_s:.2f} peak_mem={ours.peak_mb / theirs.peak_mb:.2f}"
-            "  (targets: step_time <= 0.5, peak_mem <= 0.5)")
+    theirs = by["trl"]
+    parts = [f"{r.side}/trl: step_time={r.median_step_s / theirs.median_step_s:.2f} "
+             f"tokens_per_s={r.tokens_per_s / theirs.tokens_per_s:.2f} peak_mem={r.peak_mb / theirs.peak_mb:.2f}"
+             for r in ours]
+    return "RATIOS " + "; ".join(parts) + "  (targets: step_time <= 0.5, peak_mem <= 0.5)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return side_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=["openrft", "trl"])
     parser.add_argument("--steps", type=int, default=None, help="default 4 (tiny), 3 (smollm2)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=4)

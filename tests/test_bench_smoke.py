@@ -103,14 +103,15 @@ def trl_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model_dir, dataset = vs_trl.prepare("tiny", work, steps=2, prompts=2)
     w = vs_trl.Workload(model_dir=model_dir, dataset=dataset, steps=2, prompts=2, group=2, max_tokens=4,
                         lora_rank=4, micro_batch=4, threads=1)
-    sides = ["openrft"] + ([] if _missing("trl") else ["trl"])
+    sides = ["openrft", "openrft-ckpt"] + ([] if _missing("trl") else ["trl"])
     results = vs_trl.run(w, sides, timeout_s=180)
     assert [r.side for r in results] == sides
     return {r.side: r for r in results} | {"ratio_line": vs_trl.ratio_line(results)}
 
 
-def test_vs_trl_openrft_side_trains_through_env_server_and_gateway(trl_results: dict[str, Any]) -> None:
-    ours = trl_results["openrft"]
+@pytest.mark.parametrize("side", ["openrft", "openrft-ckpt"])
+def test_vs_trl_openrft_side_trains_through_env_server_and_gateway(trl_results: dict[str, Any], side: str) -> None:
+    ours = trl_results[side]  # openrft-ckpt: the learner with gradient checkpointing
     assert len(ours.step_s) == 2 and all(s > 0 for s in ours.step_s)
     assert all(t > 0 for t in ours.gen_tokens)  # the env's agent called the policy through the gateway
     assert all(0.0 <= r <= 1.0 for r in ours.reward_mean)

@@ -29,7 +29,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# the commands that hold a model: run under jemalloc when installed (trainer/allocator.py)
+HEAVY = {"train", "eval", "serve", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY:  # a process of its own, not a call
+        from trainer.allocator import reexec_under_jemalloc
+
+        reexec_under_jemalloc()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())

@@ -79,6 +79,12 @@ class GrpoConfig(_Section):
         description="compute the prompt a group's rollouts share once per micro-batch (exact; saves most "
         "of the learner's work when prompts are longer than completions)",
     )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="recompute each layer's activations in the backward pass instead of keeping them: "
+        "the learner keeps one layer's activations instead of all of them, for about one more forward pass "
+        "of compute (the shared-prefix pass, when on, is not recomputed)",
+    )
 
 
 class RolloutConfig(_Section):

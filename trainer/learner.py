@@ -12,11 +12,14 @@ target - logsumexp(logits): the full log-softmax tensor is never materialised.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from trainer.config import GrpoConfig, LoraConfig, OptimConfig, TrainConfig
 from trainer.grpo import policy_loss, sequence_weights
@@ -110,6 +113,17 @@ def plan_prefix_runs(samples: list[Sample]) -> list[tuple[list[int], int]]:
     return runs
 
 
+class _PrefixCache(DynamicCache):
+    """The shared prefixes' keys and values, one row per suffix row. The suffix pass reads them but
+    never extends them, so a layer replayed by gradient checkpointing in the backward pass sees the
+    same cache as in the forward pass."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
 class Learner:
     def __init__(
         self,
@@ -144,6 +158,12 @@ class Learner:
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, peft_config)
+        self._checkpointed: list[torch.nn.Module] = []
+        if grpo.gradient_checkpointing:  # only in train mode: generation (eval mode) is unaffected
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointed = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
+            for layer in self._checkpointed:  # the suffix pass reads a _PrefixCache, which replays exactly
+                layer._can_checkpoint_with_cache = True
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -214,17 +234,29 @@ class Learner:
         else:
             assert batch.prefix_mask is not None and batch.row_run is not None and batch.start is not None
             positions = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            prefix = self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions,
-                                use_cache=True, logits_to_keep=1)
-            cache = prefix.past_key_values
-            cache.batch_select_indices(batch.row_run)  # each row continues its run's prefix
+            with self._without_checkpointing():  # the prefix pass writes its cache: it cannot be replayed
+                prefix = self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask,
+                                    position_ids=positions, use_cache=True, logits_to_keep=1)
+            # each row continues its run's prefix
+            cache = _PrefixCache([(layer.keys[batch.row_run], layer.values[batch.row_run])
+                                  for layer in prefix.past_key_values.layers])
             mask = torch.cat([batch.prefix_mask[batch.row_run], batch.attention_mask], dim=1)
             positions = batch.start[:, None] + torch.arange(S, device=batch.start.device)[None, :]
             out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                             past_key_values=cache, use_cache=False, logits_to_keep=keep)
         logits = out.logits[:, :-1].float()
         picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
+
+    @contextmanager
+    def _without_checkpointing(self) -> Iterator[None]:
+        for layer in self._checkpointed:
+            layer.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for layer in self._checkpointed:
+                layer.gradient_checkpointing = True
 
     def _micro_batches(self, samples: list[Sample], weights: list[float]) -> list[_Batch]:
         size = self.grpo.micro_batch_size

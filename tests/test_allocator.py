@@ -1,0 +1,50 @@
+"""`openrft`'s heavy commands re-execute themselves once under jemalloc (trainer/allocator.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer.allocator import find_jemalloc, preload_env
+
+# The child process stands in for `openrft train`: it asks to be re-executed, then reports.
+CHILD = """
+import os
+from trainer.allocator import reexec_under_jemalloc
+print("pid", os.getpid(), flush=True)
+reexec_under_jemalloc()
+maps = open("/proc/self/maps").read()
+print("pid", os.getpid(), "jemalloc", "libjemalloc" in maps, "LD_PRELOAD", os.environ.get("LD_PRELOAD", "-"))
+"""
+
+
+def _run(env: dict[str, str]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 not installed (make install adds it as root)")
+def test_reexec_loads_jemalloc_once_and_leaves_children_env_as_it_was() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENRFT_ALLOCATOR")}
+    before, again, after = _run(env)  # the script runs twice: before and after the re-execution
+    assert before.split()[1] == again.split()[1] == after.split()[1]  # execve keeps the pid: one process
+    assert after.endswith("jemalloc True LD_PRELOAD -")  # loaded, and not passed on to its children
+
+
+def test_opt_out_and_other_platforms_keep_the_system_allocator() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"OPENRFT_ALLOCATOR": "system"}
+    assert preload_env(env) is None
+    lines = _run(env)
+    assert len(lines) == 2 and "jemalloc False" in lines[1]  # ran once, not re-executed
+
+
+def test_user_preloads_are_kept() -> None:
+    lib = find_jemalloc()
+    if lib is None:
+        pytest.skip("libjemalloc2 not installed")
+    env = preload_env({"LD_PRELOAD": "/opt/libfoo.so", "PATH": "/bin"})
+    assert env is not None and env["LD_PRELOAD"] == f"{lib}:/opt/libfoo.so"
+    assert preload_env({"LD_PRELOAD": lib}) is None  # already there: nothing to do

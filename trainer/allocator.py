@@ -1,0 +1,67 @@
+"""Run the heavy commands (train, demo, eval, serve) under jemalloc when it is installed.
+
+PyTorch allocates CPU tensors with malloc. glibc's malloc keeps the learner's freed activations in
+a fragmented heap (and a second arena for the generation thread), so a CPU run's resident memory
+grows far past what its tensors need at any moment: on SmolLM2-135M the learner's step peaked
+about 1.2 GB over the loaded model under glibc and 0.8 GB under jemalloc, at the same speed (see
+bench/README.md). An allocator has to be chosen before the process starts, so `openrft` re-executes
+itself once with jemalloc in LD_PRELOAD, the way PyTorch's own CPU launcher
+(`python -m torch.backends.xeon.run_cpu --enable-jemalloc`) does.
+
+`OPENRFT_ALLOCATOR=system` keeps glibc's malloc. Without jemalloc installed (Debian/Ubuntu:
+`apt-get install libjemalloc2`; `make install` does it as root) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+ENV_CHOICE = "OPENRFT_ALLOCATOR"  # "jemalloc" (default when installed) or "system"
+_MARK = "OPENRFT_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
+_SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def find_jemalloc() -> str | None:
+    """Path of libjemalloc's shared library, or None."""
+    for folder in _SEARCH:
+        path = Path(folder) / "libjemalloc.so.2"
+        if path.is_file():
+            return str(path)
+    name = ctypes.util.find_library("jemalloc")
+    return name if name and Path(name).is_absolute() and Path(name).is_file() else None
+
+
+def preload_env(env: Mapping[str, str]) -> dict[str, str] | None:
+    """`env` with jemalloc added to LD_PRELOAD, or None when nothing is to change (not Linux, opted
+    out, not installed, already preloaded)."""
+    if not sys.platform.startswith("linux") or env.get(ENV_CHOICE, "jemalloc") == "system" or _MARK in env:
+        return None
+    lib = find_jemalloc()
+    preload = env.get("LD_PRELOAD", "")
+    if lib is None or "jemalloc" in preload:
+        return None
+    return {**env, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _MARK: lib}
+
+
+def reexec_under_jemalloc() -> None:
+    """Replace this process by the same command under jemalloc, if `preload_env` says so; return
+    otherwise. In the re-executed process, LD_PRELOAD is put back as the user had it, so env servers
+    and other children it starts keep their own allocator."""
+    if _MARK in os.environ:
+        lib = os.environ.pop(_MARK)
+        rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != lib]
+        if rest:
+            os.environ["LD_PRELOAD"] = ":".join(rest)
+        else:
+            os.environ.pop("LD_PRELOAD", None)
+        return
+    env = preload_env(os.environ)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
