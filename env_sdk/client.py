@@ -304,7 +304,7 @@ class EnvClient:
             for item in chunk:
                 item.future.cancel()
             raise
-        except Exception as exc:  # what fails the batch fails each init, as it would have failed alone
+        except Exception as exc:  # noqa: BLE001 - what fails the batch fails each init, as it would alone
             for item in chunk:
                 if not item.future.done():
                     item.future.set_exception(exc)
@@ -347,7 +347,7 @@ class EnvClient:
     async def _init_alone(self, item: _PendingInit) -> None:
         try:
             response = await self._init_one(item.rollout_id, item.body)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the caller waiting on the future
             if not item.future.done():
                 item.future.set_exception(exc)
             return
