@@ -12,13 +12,12 @@ target - logsumexp(logits): the full log-softmax tensor is never materialised.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from transformers import DynamicCache
 
 from trainer.config import GrpoConfig, LoraConfig, OptimConfig, TrainConfig
@@ -113,6 +112,18 @@ def plan_prefix_runs(samples: list[Sample]) -> list[tuple[list[int], int]]:
     return runs
 
 
+class _PrefixWriter(DynamicCache):
+    """The prefix pass's cache. A layer replayed by gradient checkpointing in the backward pass
+    writes its keys again: they are the ones already held (the prefix has no past), so it answers
+    them without appending."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 class _PrefixCache(DynamicCache):
     """The shared prefixes' keys and values, one row per suffix row. The suffix pass reads them but
     never extends them, so a layer replayed by gradient checkpointing in the backward pass sees the
@@ -125,6 +136,8 @@ class _PrefixCache(DynamicCache):
 
 
 class Learner:
+    head_chunk_elements = 1 << 22  # logits per chunk of the LM head under checkpointing (16 MB in fp32)
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -162,8 +175,11 @@ class Learner:
         if grpo.gradient_checkpointing:  # only in train mode: generation (eval mode) is unaffected
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._checkpointed = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
-            for layer in self._checkpointed:  # the suffix pass reads a _PrefixCache, which replays exactly
+            for layer in self._checkpointed:  # the prefix caches replay exactly (_PrefixWriter, _PrefixCache)
                 layer._can_checkpoint_with_cache = True
+        # under checkpointing the LM head runs apart from the body, over chunks of tokens, recomputed in
+        # the backward pass: a micro-batch's [tokens, vocab] logits are never all held at once
+        self._head_chunks = grpo.gradient_checkpointing and self._head_is_plain()
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -229,34 +245,55 @@ class Learner:
         S = batch.input_ids.shape[1]
         keep = S - batch.cut  # suffix positions cut .. S-1; the last one predicts past the end
         if batch.prefix_ids is None:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
-                             use_cache=False)
+            inputs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         else:
             assert batch.prefix_mask is not None and batch.row_run is not None and batch.start is not None
             positions = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            with self._without_checkpointing():  # the prefix pass writes its cache: it cannot be replayed
-                prefix = self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask,
-                                    position_ids=positions, use_cache=True, logits_to_keep=1)
+            written = _PrefixWriter()
+            self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions,
+                       past_key_values=written, use_cache=True, logits_to_keep=1)
             # each row continues its run's prefix
-            cache = _PrefixCache([(layer.keys[batch.row_run], layer.values[batch.row_run])
-                                  for layer in prefix.past_key_values.layers])
+            cache = _PrefixCache([(layer.keys[batch.row_run], layer.values[batch.row_run]) for layer in written.layers])
             mask = torch.cat([batch.prefix_mask[batch.row_run], batch.attention_mask], dim=1)
             positions = batch.start[:, None] + torch.arange(S, device=batch.start.device)[None, :]
-            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=False, logits_to_keep=keep)
-        logits = out.logits[:, :-1].float()
+            inputs = {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": positions,
+                      "past_key_values": cache}
+        if self._head_chunks:
+            hidden = self._body(**inputs, use_cache=False).last_hidden_state[:, batch.cut : -1]
+            return self._chunked_logprobs(hidden, batch.targets)
+        logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1].float()
         picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
-    @contextmanager
-    def _without_checkpointing(self) -> Iterator[None]:
-        for layer in self._checkpointed:
-            layer.gradient_checkpointing = False
-        try:
-            yield
-        finally:
-            for layer in self._checkpointed:
-                layer.gradient_checkpointing = True
+    def _chunked_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """logprob of `targets` [B, T] from the body's `hidden` [B, T, H], the head run over chunks of
+        tokens whose logits are recomputed in the backward pass, not kept."""
+        head = self._head
+
+        def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = head(h).float()
+            return logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+        B, T, H = hidden.shape
+        flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
+        n = max(1, self.head_chunk_elements // head.weight.shape[0])
+        parts = [
+            torch.utils.checkpoint.checkpoint(chunk, flat_h[i : i + n], flat_t[i : i + n], use_reentrant=False)
+            if torch.is_grad_enabled() else chunk(flat_h[i : i + n], flat_t[i : i + n])
+            for i in range(0, B * T, n)
+        ]
+        return torch.cat(parts).reshape(B, T)
+
+    @torch.no_grad()
+    def _head_is_plain(self) -> bool:
+        """Whether the model's logits are `head(body(x))`, nothing else (no soft-capping or scaling),
+        so the head can run apart. Checked once on a few tokens; else the whole model runs as one."""
+        base = self.model.get_base_model()
+        self._body, self._head = base.get_decoder(), base.get_output_embeddings()
+        ids = torch.arange(1, 9, device=self.device)[None, :] % base.config.vocab_size
+        whole = self.model(input_ids=ids, use_cache=False).logits.float()
+        split = self._head(self._body(input_ids=ids, use_cache=False).last_hidden_state).float()
+        return whole.shape == split.shape and bool(torch.allclose(whole, split, rtol=1e-3, atol=1e-3))
 
     def _micro_batches(self, samples: list[Sample], weights: list[float]) -> list[_Batch]:
         size = self.grpo.micro_batch_size
