@@ -125,3 +125,18 @@ def test_vs_trl_trl_side_runs_grpo_trainer(trl_results: dict[str, Any]) -> None:
     assert all(0 < t <= 2 * 2 * 4 for t in theirs.gen_tokens)  # prompts x group x max_tokens at most
     assert theirs.peak_mb > 100
     assert "step_time=" in trl_results["ratio_line"] and "peak_mem=" in trl_results["ratio_line"]
+
+
+def test_learner_memory_runs_every_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/learner_memory.py on the tiny model: each allocator x checkpointing in its own process."""
+    pytest.importorskip("torch", reason="bench/learner_memory.py needs the training extra")
+    from bench import learner_memory
+    from trainer.allocator import find_jemalloc
+
+    assert learner_memory.main(["--model", "tiny", "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RATIOS vs glibc without checkpointing: ")
+    assert "glibc+ckpt: peak=" in lines[-1]
+    assert ("jemalloc+ckpt: peak=" in lines[-1]) == (find_jemalloc() is not None)
+    glibc = next(x for x in lines if x.startswith("glibc     false")).split()
+    assert float(glibc[3]) > float(glibc[2]) > 100  # peak over the loaded model, which holds torch at least
