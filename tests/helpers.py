@@ -22,6 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n consecutive free loopback ports (for servers that take a base port and count up)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return list(range(base, base + n))
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free loopback ports")
+
+
 @contextlib.contextmanager
 def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
     """Run `app` with uvicorn in a thread on a loopback port; yield its base URL."""

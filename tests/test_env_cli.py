@@ -16,7 +16,7 @@ import pytest
 
 from env_sdk import RolloutTask, create_env_app
 from env_sdk.cli import env_main
-from tests.helpers import free_port
+from tests.helpers import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"metadata": {"invocation_id": "i", "experiment_id": "e", "rollout_id": "cli-1", "run_id": "u", "row_id": "w"}}
@@ -86,9 +86,8 @@ def test_serve_a_prebuilt_app() -> None:
 
 
 def test_workers_each_get_their_own_port() -> None:
-    port = free_port()
-    ports = [port, port + 1]
-    with running(openrft("env", "serve", "tests.test_env_cli:half", "--port", str(port), "--workers", "2"), ports):
+    ports = free_ports(2)
+    with running(openrft("env", "serve", "tests.test_env_cli:half", "--port", str(ports[0]), "--workers", "2"), ports):
         for p in ports:
             url = f"http://127.0.0.1:{p}"
             assert httpx.post(f"{url}/init", json=BODY).status_code == 202
