@@ -39,6 +39,7 @@ import math
 import re
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -139,6 +140,20 @@ async def _read_body(receive: Any) -> bytes:
             return body
 
 
+def _recorder() -> tuple[dict[str, Any], list[bytes], Callable[[dict[str, Any]], Awaitable[None]]]:
+    """An ASGI `send` that keeps the response's start message and body chunks, for rewriting."""
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def capture(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        else:
+            chunks.append(message.get("body", b""))
+
+    return start, chunks, capture
+
+
 def _replay(body: bytes) -> Any:
     sent = False
 
@@ -237,15 +252,7 @@ class FaultLayer:
             return
         results = []
         for item in items:
-            start: dict[str, Any] = {}
-            chunks: list[bytes] = []
-
-            async def capture(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.start":
-                    start.update(message)
-                else:
-                    chunks.append(message.get("body", b""))
-
+            start, chunks, capture = _recorder()
             await self._init({**scope, "path": "/init", "raw_path": b"/init"}, json.dumps(item).encode(), capture)
             code, answer = start.get("status", 500), json.loads(b"".join(chunks) or b"{}")
             result: dict[str, Any] = {"status_code": code, "rollout_id": answer.get("rollout_id")}
@@ -270,15 +277,7 @@ class FaultLayer:
 
     async def _rewritten(self, scope: dict[str, Any], receive: Any, send: Any, rewrite: Any) -> None:
         """Run the request, then send `rewrite(body)` instead of a 200 answer's body."""
-        start: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def capture(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-            else:
-                chunks.append(message.get("body", b""))
-
+        start, chunks, capture = _recorder()
         await self.app(scope, receive, capture)
         out = b"".join(chunks)
         if start.get("status") == 200:
