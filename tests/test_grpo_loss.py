@@ -225,7 +225,7 @@ def test_shared_prefix_is_exact(tiny_model: Path) -> None:
     grads = []
     for share, mbs, ckpt in ((False, 4, False), (True, 4, False), (True, 16, False), (False, 4, True), (True, 4, True)):
         learner = make_learner(tiny_model, share_prefix=share, micro_batch_size=mbs, gradient_checkpointing=ckpt)
-        assert bool(learner._checkpointed) == ckpt and learner._head_chunks == ckpt
+        assert learner.model.is_gradient_checkpointing == ckpt and learner._head_chunks == ckpt
         learner.head_chunk_elements = 5 * learner.model.config.vocab_size  # the head runs over several chunks
         samples = _grouped_samples(learner)
         if share:

@@ -82,8 +82,8 @@ class GrpoConfig(_Section):
     gradient_checkpointing: bool = Field(
         default=False,
         description="recompute each layer's activations in the backward pass instead of keeping them: "
-        "the learner keeps one layer's activations instead of all of them, for about one more forward pass "
-        "of compute (the shared-prefix pass, when on, is not recomputed)",
+        "the learner keeps each layer's input instead of all its activations, and the LM head's logits a chunk "
+        "at a time, for about one more forward pass of compute",
     )
 
 

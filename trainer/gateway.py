@@ -221,10 +221,7 @@ class Gateway:
         async def rollout_models(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
         ) -> dict[str, Any]:
-            path_ids = dict(
-                rollout_id=rollout_id, invocation_id=invocation_id, experiment_id=experiment_id, run_id=run_id, row_id=row_id
-            )
-            self._authorize(request, path_ids)
+            self._authorize(request, request.path_params)
             return self.completer.models_response()
 
         @app.post("/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))

@@ -171,12 +171,12 @@ class Learner:
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, peft_config)
-        self._checkpointed: list[torch.nn.Module] = []
         if grpo.gradient_checkpointing:  # only in train mode: generation (eval mode) is unaffected
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self._checkpointed = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
-            for layer in self._checkpointed:  # the prefix caches replay exactly (_PrefixWriter, _PrefixCache)
-                layer._can_checkpoint_with_cache = True
+            for layer in self.model.modules():  # the prefix caches replay exactly (_PrefixWriter, _PrefixCache)
+                if getattr(layer, "gradient_checkpointing", False):
+                    layer._can_checkpoint_with_cache = True
+        self._body, self._head = base.get_decoder(), base.get_output_embeddings()
         # under checkpointing the LM head runs apart from the body, over chunks of tokens, recomputed in
         # the backward pass: a micro-batch's [tokens, vocab] logits are never all held at once
         self._head_chunks = grpo.gradient_checkpointing and self._head_is_plain()
@@ -288,9 +288,7 @@ class Learner:
     def _head_is_plain(self) -> bool:
         """Whether the model's logits are `head(body(x))`, nothing else (no soft-capping or scaling),
         so the head can run apart. Checked once on a few tokens; else the whole model runs as one."""
-        base = self.model.get_base_model()
-        self._body, self._head = base.get_decoder(), base.get_output_embeddings()
-        ids = torch.arange(1, 9, device=self.device)[None, :] % base.config.vocab_size
+        ids = torch.arange(1, 9, device=self.device)[None, :] % self.model.config.vocab_size
         whole = self.model(input_ids=ids, use_cache=False).logits.float()
         split = self._head(self._body(input_ids=ids, use_cache=False).last_hidden_state).float()
         return whole.shape == split.shape and bool(torch.allclose(whole, split, rtol=1e-3, atol=1e-3))
