@@ -1,4 +1,4 @@
-"""Async client for protocol-v1 env servers: one pooled httpx connection set, tenacity retries
+"""Async client for protocol-v1 env servers: one pooled httpx connection set, retries with backoff
 on what the spec calls retryable (transport errors, 5xx, 429/503 honouring Retry-After), and the
 error hierarchy of `env_sdk.errors` for the rest."""
 
@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from env_sdk.errors import (
     EnvError,
@@ -114,7 +113,7 @@ class EnvClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(timeout, pool=None),
+            timeout=self._timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
         # At most max_connections requests inside httpx at a time: its pool scans every queued
@@ -142,10 +141,10 @@ class EnvClient:
 
     # --- transport ------------------------------------------------------------------------
 
-    def _delay(self, failure: BaseException | None, attempt: int) -> float:
+    def _delay(self, retry_after: float | None, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based): Retry-After, else backoff."""
-        if isinstance(failure, _Retry) and failure.retry_after is not None:
-            return min(failure.retry_after, MAX_RETRY_AFTER_S)
+        if retry_after is not None:
+            return min(retry_after, MAX_RETRY_AFTER_S)
         return min(0.1 * 2 ** (attempt - 1), 5.0) * random.uniform(0.5, 1.5)
 
     async def _send(self, method: str, path: str, params: dict[str, Any] | None, content: bytes | None,
@@ -167,25 +166,19 @@ class EnvClient:
     async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                        content: bytes | None = None, wait_s: float = 0.0) -> httpx.Response:
         """One request with retries. Every v1 endpoint is idempotent, so every retry is safe.
-        The first attempt runs bare: tenacity's retry state costs ~60 us a request to build, so it
-        is built only once an attempt has failed."""
+        A plain loop: the backoff and Retry-After are `_delay`'s, and a retry library's per-request
+        set-up (~60 us with tenacity) would be paid on every request, failing or not."""
         timeout = self._timeout if wait_s == 0 else httpx.Timeout(self.timeout + wait_s, pool=None)
-        try:
-            return await self._send(method, path, params, content, timeout)
-        except _Retry as first:
-            failure = first
-        if self.max_retries:
-            await asyncio.sleep(self._delay(failure, 1))
-            retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries),
-                                     wait=lambda s: self._delay(s.outcome.exception() if s.outcome else None,
-                                                                s.attempt_number + 1),
-                                     retry=retry_if_exception_type(_Retry), reraise=True)
+        attempt = 1
+        while True:
             try:
-                async for attempt in retrying:
-                    with attempt:
-                        return await self._send(method, path, params, content, timeout)
-            except _Retry as last:
-                failure = last
+                return await self._send(method, path, params, content, timeout)
+            except _Retry as exc:
+                failure = exc
+            if attempt > self.max_retries:
+                break
+            await asyncio.sleep(self._delay(failure.retry_after, attempt))
+            attempt += 1
         if failure.response is not None:
             r = failure.response
             raise http_error(r.status_code, r.text, method, f"{self.base_url}{path}") from None
@@ -283,17 +276,21 @@ class EnvClient:
         """One POST /init/batch for `chunk`, then each item's outcome onto its future."""
         content = b'{"requests":[' + b",".join(item.body for item in chunk) + b"]}"
         try:
+            # One attempt only. No answer in time, a transport error, a 5xx or 429 for the whole
+            # batch: each init goes alone, with /init's own retries (idempotent, so an item the
+            # server did start answers 200), so one item that hangs the server's /init/batch
+            # delays the others by INIT_BATCH_TIMEOUT_S at most. 404/405: not served after all.
             try:
                 resp = await self._send("POST", "/init/batch", None, content, self._batch_timeout)
-            except (_Retry, EnvHTTPError) as exc:
-                # One attempt only. No answer in time, a transport error, a 5xx or 429 for the whole
-                # batch: each init goes alone, with /init's own retries (idempotent, so an item the
-                # server did start answers 200), so one item that hangs the server's /init/batch
-                # delays the others by INIT_BATCH_TIMEOUT_S at most. 404/405: not served after all.
-                if isinstance(exc, EnvHTTPError) and exc.status_code not in (404, 405, 413):
+            except _Retry:
+                resp = None
+            except EnvHTTPError as exc:
+                if exc.status_code not in (404, 405, 413):
                     raise
-                if isinstance(exc, EnvHTTPError) and exc.status_code != 413:
+                if exc.status_code != 413:
                     self._init_batch_ok = False
+                resp = None
+            if resp is None:
                 await asyncio.gather(*(self._init_alone(item) for item in chunk))
                 return
             results = self._parse(InitBatchResponse, resp).results
@@ -326,9 +323,7 @@ class EnvClient:
             return
         retryable = code == 429 or code >= 500
         if retryable and item.attempt <= self.max_retries:
-            failure = _Retry()
-            failure.retry_after = result.retry_after
-            self._spawn(self._requeue(item, self._delay(failure, item.attempt)))
+            self._spawn(self._requeue(item, self._delay(result.retry_after, item.attempt)))
             return
         error = ErrorResponse(detail=result.detail or f"HTTP {code}", errors=result.errors)
         item.future.set_exception(http_error(code, error.model_dump_json(exclude_none=True), "POST",
