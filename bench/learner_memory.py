@@ -20,6 +20,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = [("glibc", False), ("jemalloc", False), ("glibc", True), ("jemalloc", True)]
 
 
-def measure(model: str, steps: int, checkpointing: bool, threads: int) -> dict[str, float]:
+def measure(model: str, steps: int, checkpointing: bool, threads: int, work: Path) -> dict[str, float]:
     """In this process: load the learner, run `steps` steps, return peak RSS figures and step times."""
     import psutil
     import torch
@@ -41,7 +42,7 @@ def measure(model: str, steps: int, checkpointing: bool, threads: int) -> dict[s
     if model == "tiny":
         from trainer.models import build_tiny_model
 
-        model_dir = build_tiny_model(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-learner-memory-tiny")
+        model_dir = build_tiny_model(work / "tiny")
     else:
         from trainer.smollm2 import convert_smollm2
 
@@ -90,7 +91,7 @@ def run_config(allocator: str, checkpointing: bool, args: argparse.Namespace) ->
         env["LD_PRELOAD"] = lib
     cmd = [sys.executable, "-m", "bench.learner_memory", "--child", "--model", args.model, "--steps", str(args.steps),
            "--threads", str(args.threads)] + (["--checkpointing"] if checkpointing else [])
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{allocator} checkpointing={checkpointing} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.model, args.steps, args.checkpointing, args.threads)))
+        with tempfile.TemporaryDirectory(prefix="bench-learner-memory-") as tmp:
+            print(json.dumps(measure(args.model, args.steps, args.checkpointing, args.threads, Path(tmp))))
         return 0
     rows = {}
     print(f"model={args.model} steps={args.steps} threads={args.threads}; 8 prompts x 4, 40 + 32 tokens, micro-batch 8")

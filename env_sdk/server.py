@@ -19,7 +19,14 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -128,6 +135,10 @@ class _Rollout:
     cancel_requested: bool = False
 
 
+#: What a refused /init (429 at capacity, 503 draining) tells the client to wait, in seconds.
+RETRY_AFTER_S = 1
+
+
 def _json_error(status_code: int, detail: str, errors: list[dict[str, str]] | None = None,
                 headers: Mapping[str, str] | None = None) -> JSONResponse:
     fields = [FieldError(**e) for e in errors] if errors else None
@@ -135,11 +146,12 @@ def _json_error(status_code: int, detail: str, errors: list[dict[str, str]] | No
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-def _field_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str, str]]]:
-    """Compact, field-named errors from FastAPI's validation error (400 for unparseable JSON)."""
+def _field_errors(validation_errors: Sequence[Mapping[str, Any]]) -> tuple[int, str, list[dict[str, str]]]:
+    """Compact, field-named errors from FastAPI's validation errors, locations starting with where
+    ("body", "query"): 400 for unparseable JSON, else 422."""
     errors: list[dict[str, str]] = []
     status_code = 422
-    for err in exc.errors():
+    for err in validation_errors:
         loc = [str(p) for p in err.get("loc", ())]
         where = loc[0] if loc else "body"
         path = ".".join(loc[1:])
@@ -493,7 +505,7 @@ def create_env_app(
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status_code, detail, errors = _field_errors(exc)
+        status_code, detail, errors = _field_errors(exc.errors())
         return _json_error(status_code, detail, errors)
 
     @app.exception_handler(HTTPException)
@@ -528,7 +540,7 @@ def create_env_app(
     def _init(req: InitRequest) -> Response:
         code, refused = _admit(req)
         if refused is not None:
-            return _json_error(code, refused, headers={"Retry-After": "1"})
+            return _json_error(code, refused, headers={"Retry-After": str(RETRY_AFTER_S)})
         body = b'{"status":"accepted","rollout_id":' + json.dumps(req.metadata.rollout_id).encode() + b"}"
         return Response(body, status_code=code, media_type="application/json")
 
@@ -539,15 +551,14 @@ def create_env_app(
             try:
                 req = InitRequest.model_validate(item)
             except ValidationError as exc:
-                code, detail, errors = _field_errors(
-                    RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+                code, detail, errors = _field_errors([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
                 results.append({"status_code": code, "rollout_id": _item_rollout_id(item), "detail": detail,
                                 "errors": errors})
                 continue
             code, refused = _admit(req)
             result: dict[str, Any] = {"status_code": code, "rollout_id": req.metadata.rollout_id}
             if refused is not None:
-                result.update(detail=refused, retry_after=1.0)
+                result.update(detail=refused, retry_after=float(RETRY_AFTER_S))
             results.append(result)
         return Response(json.dumps({"results": results}).encode(), media_type="application/json")
 

@@ -106,7 +106,6 @@ async def ep_send_init(env_url: str, model_url: str, row: EvaluationRow) -> EPIn
     request = build_init_request(row, config, model_url)
     async with aiohttp.ClientSession() as session, session.post(f"{env_url}/init", json=request.model_dump()) as resp:
         assert resp.status < 400, await resp.text()
-        resp.raise_for_status()
     return request
 
 

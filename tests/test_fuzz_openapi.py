@@ -6,6 +6,7 @@ two open probes refuses any request without it. A small budget per operation kee
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,7 +91,7 @@ def test_every_env_endpoint_needs_the_token(env_url: str) -> None:
     schema = schemathesis.openapi.from_url(f"{env_url}/openapi.json", headers=AUTH)
     ops = [r.ok() for r in schema.get_all_operations()]
     protected = [op for op in ops if op.path not in OPEN_PATHS]
-    assert len(protected) >= 4 and {op.path for op in ops} - {op.path for op in protected} <= OPEN_PATHS
+    assert len(protected) >= 4 and {op.path for op in ops} >= OPEN_PATHS  # the open ones are documented too
     def refused(case: Any, label: str) -> None:
         for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
@@ -126,7 +127,7 @@ def test_gateway(gateway: tuple[Gateway, str]) -> None:
         say (an unknown role, stream=true; no `rollout_id:` tag): a 400 is an answer, not a failure.
         Every other check (no 5xx, documented codes, answer schemas) holds everywhere, and invalid
         input is refused everywhere else."""
-        if "chat/completions" in case.operation.path and hash(repr(case.body)) % 2 == 0:
+        if "chat/completions" in case.operation.path and zlib.crc32(repr(case.body).encode()) % 2 == 0:
             case.path_parameters = {k: ids[k] for k in case.path_parameters}
             if isinstance(case.body, dict) and isinstance(case.body.get("messages"), list):
                 for i, message in enumerate(case.body["messages"]):  # the schema's role is any string

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-import openai
-from openai import AsyncOpenAI, BadRequestError
+from openai import AsyncOpenAI, BadRequestError, InternalServerError
 
 from env_sdk.models import RolloutMetadata
 from tests.helpers import serve_app
@@ -242,9 +241,8 @@ async def test_a_failing_backend_is_an_openai_style_500(loaded) -> None:  # type
         raise RuntimeError("CUDA out of memory (simulated)")
 
     gateway = Gateway(ScriptedBackend(tokenizer, broken), tokenizer)
-    with serve_app(gateway.app) as base:
-        with pytest.raises(openai.InternalServerError) as err:
-            await client(gateway, base, "boom").chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}])
+    with serve_app(gateway.app) as base, pytest.raises(InternalServerError) as err:
+        await client(gateway, base, "boom").chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}])
     body = err.value.body
     assert isinstance(body, dict) and body["type"] == "server_error" and "out of memory" in body["message"]
     assert gateway.record("boom").calls == []

@@ -5,7 +5,6 @@ run, and an optimizer that took exactly one update per step: no sample lost, non
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,14 @@ from typing import Any
 import torch
 import yaml
 
-from tests.faults.harness import REPO, Run, check_accounting, short_config, wait_until
+from tests.faults.harness import (
+    REPO,
+    Run,
+    check_accounting,
+    short_config,
+    wait_until,
+    write_dataset,
+)
 from trainer.config import TrainConfig
 from trainer.data import TaskStream
 
@@ -39,9 +45,7 @@ def test_sigkill_mid_step_and_between_steps_then_resume(tmp_path: Path, tiny_mod
     env = envs("--delay", "0.3")  # rollouts take a while: there is a "mid-step" to kill in
     config = short_config(tmp_path, tiny_model, [env.url], steps=STEPS, tasks_per_step=PER_STEP,
                           checkpoint_every=1, rollout={"deadline_s": 30.0})
-    config["dataset"] = str(tmp_path / "tasks6.jsonl")
-    Path(config["dataset"]).write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Say something about {i}"}]}) + "\n" for i in range(TASKS)))
+    config["dataset"] = str(write_dataset(tmp_path / "tasks.jsonl", TASKS))
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     run_dir, log = Path(config["run_dir"]), tmp_path / "trainer.log"
