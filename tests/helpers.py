@@ -9,11 +9,14 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+
+from env_sdk import InitRequest, RolloutMetadata
 
 
 def free_port() -> int:
@@ -95,3 +98,26 @@ def scripted_model_app(script: Script) -> FastAPI:
         }
 
     return app
+
+
+def init_request(rid: str, sleep: float = 0.0) -> InitRequest:
+    """An InitRequest for rollout `rid`; agents that honour it sleep task_metadata["sleep"] seconds."""
+    md = RolloutMetadata(invocation_id="i", experiment_id="e", rollout_id=rid, run_id="u", row_id="w")
+    return InitRequest(metadata=md, task_metadata={"sleep": sleep})
+
+
+class Recorder:
+    """ASGI wrapper counting requests by (method, path) and by path, and the distinct client sockets."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.paths: Counter[str] = Counter()
+        self.sockets: set[tuple[str, int]] = set()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.calls[(scope["method"], scope["path"])] += 1
+            self.paths[scope["path"]] += 1
+            self.sockets.add(tuple(scope["client"]))  # type: ignore[arg-type]
+        await self.app(scope, receive, send)

@@ -13,33 +13,20 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from env_sdk import EnvClient, InitRequest, RolloutMetadata, RolloutTask, StatusCode, WaitTimeoutError, create_env_app
-from tests.helpers import serve_app
+from env_sdk import (
+    EnvClient,
+    RolloutTask,
+    StatusCode,
+    WaitTimeoutError,
+    create_env_app,
+)
+from tests.helpers import Recorder, serve_app
+from tests.helpers import init_request as request
 
 
 async def sleeper(task: RolloutTask, client: openai.AsyncOpenAI) -> float:
     await asyncio.sleep(float(task.task_metadata.get("sleep", 0)))
     return 1.0
-
-
-def request(rid: str, sleep: float = 0.0) -> InitRequest:
-    md = RolloutMetadata(invocation_id="i", experiment_id="e", rollout_id=rid, run_id="u", row_id="w")
-    return InitRequest(metadata=md, task_metadata={"sleep": sleep})
-
-
-class Recorder:
-    """ASGI wrapper counting requests per path and the distinct client sockets."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.paths: dict[str, int] = {}
-        self.sockets: set[tuple[str, int]] = set()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            self.paths[scope["path"]] = self.paths.get(scope["path"], 0) + 1
-            self.sockets.add(tuple(scope["client"]))  # type: ignore[arg-type]
-        await self.app(scope, receive, send)
 
 
 async def test_wait_many_collects_hundreds_with_few_requests() -> None:

@@ -19,35 +19,16 @@ from env_sdk import (
     AuthError,
     CapacityError,
     EnvClient,
-    InitRequest,
     InitResponse,
-    RolloutMetadata,
     RolloutTask,
     Task,
     create_env_app,
 )
 from env_sdk.client import INIT_BATCH_TIMEOUT_S
-from tests.helpers import serve_app
+from tests.helpers import Recorder, serve_app
+from tests.helpers import init_request as request
 from trainer.config import EnvEndpoint
 from trainer.scheduler import EnvPool, ExternalEndpoint, RolloutScheduler
-
-
-def request(rid: str, sleep: float = 0.0) -> InitRequest:
-    md = RolloutMetadata(invocation_id="i", experiment_id="e", rollout_id=rid, run_id="u", row_id="w")
-    return InitRequest(metadata=md, task_metadata={"sleep": sleep})
-
-
-def counted(app: Any) -> Any:
-    """`app`, with a Counter of (method, path) of every request at `.calls`."""
-    calls: Counter[tuple[str, str]] = Counter()
-
-    async def wrapper(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            calls[(scope["method"], scope["path"])] += 1
-        await app(scope, receive, send)
-
-    wrapper.calls = calls  # type: ignore[attr-defined]
-    return wrapper
 
 
 class Sleeper:
@@ -105,7 +86,7 @@ async def test_a_request_that_fails_every_item_fails_whole(body: bytes, code: in
 
 async def test_client_sends_rollouts_started_together_as_one_batch() -> None:
     agent = Sleeper()
-    app = counted(create_env_app(agent))
+    app = Recorder(create_env_app(agent))
     with serve_app(app) as url:
         async with EnvClient(url) as env:
             ids = [f"r{i}" for i in range(20)]
@@ -124,7 +105,7 @@ async def test_client_sends_rollouts_started_together_as_one_batch() -> None:
 async def test_refused_items_are_retried_like_refused_inits() -> None:
     """At capacity: with retries, the refused inits wait out Retry-After and start; without, 429."""
     agent = Sleeper()
-    app = counted(create_env_app(agent, max_concurrency=2))
+    app = Recorder(create_env_app(agent, max_concurrency=2))
     with serve_app(app) as url:
         async with EnvClient(url, max_retries=3) as env:
             await asyncio.gather(*(env.init(request(f"q{i}", 0.2)) for i in range(4)))
@@ -179,7 +160,7 @@ async def test_a_batch_without_an_answer_goes_one_init_at_a_time() -> None:
     async def hang() -> None:
         await asyncio.sleep(INIT_BATCH_TIMEOUT_S + 1)  # past the client's patience; then the server may stop
 
-    counting = counted(app)
+    counting = Recorder(app)
     with serve_app(counting) as url:
         async with EnvClient(url) as env:
             t0 = time.monotonic()
@@ -192,7 +173,7 @@ async def test_a_batch_without_an_answer_goes_one_init_at_a_time() -> None:
 
 @pytest.mark.parametrize("advertise", [False, True])
 async def test_servers_without_it_get_one_init_per_rollout(advertise: bool) -> None:
-    app = counted(foreign_app(advertise))
+    app = Recorder(foreign_app(advertise))
     with serve_app(app) as url:
         async with EnvClient(url) as env:
             for _ in range(2):
@@ -207,7 +188,7 @@ async def test_scheduler_starts_a_group_with_one_batch() -> None:
     async def agent(task: RolloutTask, client: openai.AsyncOpenAI) -> float:
         return 1.0
 
-    env_app = counted(create_env_app(agent))
+    env_app = Recorder(create_env_app(agent))
     with serve_app(env_app) as url:
         pool = EnvPool([EnvEndpoint(url=url)], poll_s=1.0)
         sched = RolloutScheduler(pool, ExternalEndpoint("http://127.0.0.1:9/v1", None), completion_params={},
