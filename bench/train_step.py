@@ -22,23 +22,26 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python bench/train_step.py`: import this checkout's packages
+    sys.path.insert(0, str(REPO))
+
+from bench.vs_openenv import ServerProcess  # noqa: E402
+
 DATASET = REPO / "reference_envs" / "math" / "train.jsonl"
 
 
 def vowel_fraction(messages: list[dict[str, Any]], ground_truth: Any, info: dict[str, Any]) -> float:
     """Trainer-side evaluator of the bench: continuous, so groups are never all equal."""
-    text = str(messages[-1].get("content") or "") if messages else ""
-    return sum(c in "aeiou" for c in text) / max(1, len(text))
+    from bench.vs_trl import vowel_fraction as score
+
+    return score(str(messages[-1].get("content") or "") if messages else "")
 
 
 def resolve_model(name: str, workdir: Path) -> Path:
@@ -51,37 +54,6 @@ def resolve_model(name: str, workdir: Path) -> Path:
 
         return convert_smollm2()
     return Path(name)
-
-
-class EnvProcess:
-    """The math env in its own process (uvicorn), on a free loopback port."""
-
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "reference_envs.math.server:app", "--port", str(self.port),
-             "--log-level", "warning"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError("the math env server did not start")
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 def train_steps(model: Path, env_url: str, workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -154,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = resolve_model(args.model, workdir)
-        env = EnvProcess()
+        env = ServerProcess("math-env", workers=1, http="auto", log_dir=workdir,
+                            factory="reference_envs.math.server:create_app")
         try:
-            metrics = train_steps(model, env.url, workdir, args)
+            env.wait_ready()
+            metrics = train_steps(model, env.base_url, workdir, args)
             print(f"\nGRPO step ({args.model}, {args.dtype}, {torch.get_num_threads()} threads: {args.tasks} tasks x {args.group} rollouts, "
                   f"{args.max_tokens} new tokens)")
             print(f"{'step':>4} {'generate':>9} {'env':>7} {'learn':>7} {'step':>7} {'tok/s':>7} {'reward':>7}")
@@ -171,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\ngeneration at 64 concurrent rollouts (16 tasks x 4, {args.max_tokens} new tokens, through gateway + env)")
                 rates = {}
                 for size in (64, 1):
-                    elapsed, tokens = asyncio.run(_rollout_throughput(model, env.url, size, args.max_tokens))
+                    elapsed, tokens = asyncio.run(_rollout_throughput(model, env.base_url, size, args.max_tokens))
                     rates[size] = tokens / elapsed
                     print(f"  max_batch_size={size:>2}: {elapsed:6.2f} s, {tokens} tokens, {rates[size]:7.1f} tokens/s")
                 print(f"batched / one-at-a-time throughput: {rates[64] / rates[1]:.1f}x")
             print(f"seconds per GRPO step (steady): {mean['time/step']:.2f}  "
                   f"[generate {mean['time/generate']:.2f} | env {mean['time/env']:.2f} | learn {mean['time/learn']:.2f}]")
         finally:
-            env.close()
+            env.stop()
     return 0
 
 
