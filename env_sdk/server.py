@@ -586,10 +586,15 @@ def create_env_app(
                 await asyncio.wait_for(r.done.wait(), wait_s)
         return Response(r.body if r.done.is_set() else _RUNNING_BODY, media_type="application/json")
 
-    async def init_fast(request: Request) -> Response | None:
+    async def json_body(request: Request) -> bytes | None:
+        """The body a fast path may parse; None (FastAPI's path answers) when empty or not JSON."""
         body = await request.body()
-        content_type = request.headers.get("content-type")
-        if not body or content_type not in (None, "application/json"):
+        if not body or request.headers.get("content-type") not in (None, "application/json"):
+            return None
+        return body
+
+    async def init_fast(request: Request) -> Response | None:
+        if (body := await json_body(request)) is None:
             return None
         try:
             req = InitRequest.model_validate_json(body)
@@ -606,8 +611,8 @@ def create_env_app(
         return await _status(rollout_id, float(wait_s))
 
     async def init_batch_fast(request: Request) -> Response | None:
-        body = await request.body()
-        if not body or request.headers.get("content-type") not in (None, "application/json"):
+        """Items stay raw here: each is validated on its own in `_init_batch`."""
+        if (body := await json_body(request)) is None:
             return None
         try:
             data = json.loads(body)
