@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from env_sdk.server import create_env_app
+from env_sdk.status_push import TRACING_URL_ENV
 
 _AGENT_FLAGS = ("token", "max_concurrency", "deadline", "result_ttl")
 
@@ -57,6 +58,8 @@ def is_agent(obj: Any) -> bool:
 
 
 def build_app(args: argparse.Namespace) -> Any:
+    if args.tracing_url:  # read by create_env_app (and by eval-protocol's handler) as the module builds its app
+        os.environ[TRACING_URL_ENV] = args.tracing_url
     obj = load_target(args.target)
     if is_agent(obj):
         return create_env_app(obj, max_concurrency=args.max_concurrency or 256,
@@ -133,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--deadline", type=float, default=None, help="default per-rollout deadline, s (agent; 300)")
     s.add_argument("--result-ttl", type=float, default=None, help="seconds finished results are kept (agent; 600)")
     s.add_argument("--name", default=None, help="server name reported by /version (agent targets)")
+    s.add_argument("--tracing-url", default=None, metavar="URL",
+                   help="also push each finished rollout's status to URL/logs as an eval-protocol log record "
+                        f"(for eval-protocol's RemoteRolloutProcessor; default ${TRACING_URL_ENV})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import Message
 
+from env_sdk.status_push import StatusPusher, resolve_tracing_url, status_record
 from env_sdk.models import (
     CAP_INIT_BATCH,
     INIT_BATCH_MAX,
@@ -338,8 +339,9 @@ def _result_status(result: Any) -> StatusResponse:
 
 class _EnvServer:
     def __init__(self, agent: Agent, *, max_concurrency: int, deadline_s: float, result_ttl_s: float,
-                 name: str) -> None:
+                 name: str, pusher: StatusPusher | None = None) -> None:
         self.agent = agent
+        self.pusher = pusher
         self.max_concurrency = max_concurrency
         self.deadline_s = deadline_s
         self.result_ttl_s = result_ttl_s
@@ -378,6 +380,8 @@ class _EnvServer:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if self.pusher is not None:
+            await self.pusher.aclose()
 
     # --- rollouts -------------------------------------------------------------------------
 
@@ -439,6 +443,8 @@ class _EnvServer:
                 StatusCode.INTERNAL, f"agent result is not serialisable: {exc}")).model_dump_json().encode()
         r.done.set()
         self.running -= 1
+        if self.pusher is not None:
+            self.pusher.push(status_record(r.request, status, logger_name=logger.name), r.request.api_key)
         elapsed = time.monotonic() - r.started
         code = status.status.code if status.status else None
         logger.info("rollout %s finished: code=%s reward=%s in %.3fs", r.rollout_id, code, status.reward, elapsed)
@@ -476,6 +482,7 @@ def create_env_app(
     result_ttl_s: float = 600.0,
     name: str = "env",
     max_body_bytes: int = 4 * 1024 * 1024,
+    tracing_url: str | None = None,
 ) -> FastAPI:
     """A protocol-v1 env server running `agent` for each `POST /init`.
 
@@ -483,11 +490,16 @@ def create_env_app(
     deadline_s: default per-rollout deadline (InitRequest.deadline_s overrides it).
     token: when set, every endpoint but /health and /version needs `Authorization: Bearer <token>`.
     result_ttl_s: how long a finished rollout's status stays readable (then 404).
+    tracing_url: a tracing gateway that each finished rollout's status is also pushed to, as an
+    eval-protocol log record (`POST {tracing_url}/logs`), for clients that read status there
+    (eval-protocol's RemoteRolloutProcessor); default $FW_TRACING_GATEWAY_BASE_URL, else off.
     """
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    gateway = resolve_tracing_url(tracing_url)
     server = _EnvServer(agent, max_concurrency=max_concurrency, deadline_s=deadline_s,
-                        result_ttl_s=result_ttl_s, name=name)
+                        result_ttl_s=result_ttl_s, name=name,
+                        pusher=StatusPusher(gateway) if gateway else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

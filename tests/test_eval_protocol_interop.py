@@ -236,7 +236,7 @@ class EPStyleEnv:
 
 async def test_eval_protocol_env_with_a_plain_health_route_is_waited_for_by_logs() -> None:
     """`wait: auto` must not take an eval-protocol env for a v1 server (or a dead one) because it
-    answers GET /health with a body of its own: it serves no /status either."""
+    answers GET /health with a body of its own: its first /status answer (a 404: it has none) decides."""
     from trainer.config import EnvEndpoint
     from trainer.scheduler import EnvPool
 
@@ -245,7 +245,9 @@ async def test_eval_protocol_env_with_a_plain_health_route_is_waited_for_by_logs
         with serve_app(env.app) as env_url:
             pool = EnvPool([EnvEndpoint(url=env_url)])
             try:
-                assert await pool.probe() == [] and pool.slots[0].wait == "logs"
+                assert await pool.probe() == [] and pool.slots[0].wait == "auto"
+                assert await pool.settle_wait(pool.slots[0], "ro-1") is None
+                assert pool.slots[0].wait == "logs"
             finally:
                 await pool.aclose()
     finally:
@@ -279,7 +281,7 @@ def test_eval_protocol_env_trains_with_openrft_trainer(tmp_path: Path, monkeypat
     started = time.monotonic()
     try:
         with serve_app(env.app) as env_url, caplog.at_level(logging.WARNING, logger="trainer"):
-            # envs[].wait is "auto": the 404 of /health marks an eval-protocol env (reports via /logs)
+            # envs[].wait is "auto": the 404 of /status marks an eval-protocol env (reports via /logs)
             config = TrainConfig.model_validate({
                 "model": str(model_dir), "dataset": str(dataset), "envs": [{"url": env_url}],
                 "evaluator": f"{__name__}:vowel_score", "steps": 2, "tasks_per_step": 2, "group_size": 2,
@@ -292,7 +294,7 @@ def test_eval_protocol_env_trains_with_openrft_trainer(tmp_path: Path, monkeypat
         env.close()
     assert time.monotonic() - started < 60
     assert not env.errors
-    assert any("has no /health" in r.getMessage() for r in caplog.records)  # detected as an eval-protocol env
+    assert any("serves no /status" in r.getMessage() for r in caplog.records)  # detected as an eval-protocol env
 
     rows = [json.loads(line) for step in (1, 2) for line in (run_dir / "rollouts" / f"step_{step:06d}.jsonl").open()]
     assert len(rows) == 8 and set(env.requests) == {r["rollout_id"] for r in rows}

@@ -280,11 +280,12 @@ async def test_eval_protocol_env_finishes_by_logs_push() -> None:
 
     with serve_app(env) as env_url, serve_app(gateway.app) as gw_url:
         pool = EnvPool([EnvEndpoint(url=env_url)], poll_s=1.0)
-        assert await pool.probe() == [] and pool.slots[0].wait == "logs"
+        assert await pool.probe() == [] and pool.slots[0].wait == "auto"  # no /health: undecided
         sched = RolloutScheduler(pool, GatewayEndpoint(gateway, gw_url), completion_params={"model": "policy"},
                                  evaluator=evaluate, deadline_s=20, max_retries=0, max_in_flight=8, run_id="r")
         [group] = await sched.run_groups([(0, task("hi"))], group_size=3, step=1)
         await pool.aclose()
+    assert pool.slots[0].wait == "logs"  # its /status answered 404
     assert [r.reward for r in group.rollouts] == [1.0, 1.0, 1.0]
     assert all(len(r.calls) == 1 and r.calls[0].completion_ids for r in group.rollouts)
 

@@ -29,11 +29,12 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
 from trainer.backend import GenerationBackend
+from trainer.tracing import LogRecordBody, TraceStore, add_tracing_routes, parse_log_record
 from trainer.completions import (
     APIError,
     ChatCompleter,
@@ -42,14 +43,13 @@ from trainer.completions import (
     completion_response,
     install_error_handlers,
     read_json,
-    validation_api_error,
 )
 
 ROLLOUT_PATH = (
     "/v1/rollout_id/{rollout_id}/invocation_id/{invocation_id}/experiment_id/{experiment_id}"
     "/run_id/{run_id}/row_id/{row_id}"
 )
-_ID_FIELDS = ("rollout_id", "invocation_id", "experiment_id", "run_id", "row_id")
+ROLLOUT_IDS = ("rollout_id", "invocation_id", "experiment_id", "run_id", "row_id")
 #: Every error answer, in OpenAI's shape (documented in the OpenAPI so clients and fuzzers know it).
 _ERROR: dict[str, Any] = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"],
@@ -80,18 +80,6 @@ class RolloutRecord:
     prefix_mismatch: bool = False  # a call's prompt did not extend a previous prompt + completion
     logged_status: Status | None = None  # from POST /logs (eval-protocol push), else None
     logged: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class LogRecordBody(BaseModel):
-    """eval-protocol's status log record."""
-
-    model_config = ConfigDict(extra="allow")
-
-    program: str | None = None
-    status: Status | None = None
-    message: str | None = None
-    tags: list[str]
-    extras: dict[str, Any] | None = None
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -149,6 +137,7 @@ class Gateway:
         )
         self._open: dict[str, _Open] = {}
         self._closed: set[str] = set()
+        self.traces = TraceStore()
         self.app = self._build_app()
 
     # --- trainer-side API -------------------------------------------------------------------
@@ -159,7 +148,7 @@ class Gateway:
         `base_url` is where this gateway's app is reachable (e.g. http://127.0.0.1:8400).
         Opening an open rollout again with the same metadata returns the same URL and key."""
         rid = metadata.rollout_id
-        for name in _ID_FIELDS:
+        for name in ROLLOUT_IDS:
             value = getattr(metadata, name)
             if not value or "/" in value:
                 raise ValueError(f"metadata.{name} must be non-empty and contain no '/': {value!r}")
@@ -195,7 +184,7 @@ class Gateway:
 
     @staticmethod
     def _model_url(metadata: RolloutMetadata, base_url: str) -> str:
-        ids = {name: quote(getattr(metadata, name), safe="") for name in _ID_FIELDS}
+        ids = {name: quote(getattr(metadata, name), safe="") for name in ROLLOUT_IDS}
         return base_url.rstrip("/") + ROLLOUT_PATH.format(**ids)
 
     # --- HTTP -------------------------------------------------------------------------------
@@ -229,6 +218,9 @@ class Gateway:
         async def logs(request: Request) -> dict[str, Any]:
             return self._accept_log(await read_json(request), request.headers.get("authorization", ""))
 
+        # eval-protocol's read-out of what was pushed (statuses, not conversations: those are the trainer's)
+        add_tracing_routes(app, self.traces, lambda request: None, traces=False)
+
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
             return self.completer.models_response()
@@ -254,7 +246,7 @@ class Gateway:
                 raise APIError(403, f"rollout {rid!r} is finished; no more completions", type_="permission_error", code="rollout_closed")
             raise APIError(404, f"unknown rollout {rid!r}", type_="not_found_error", code="rollout_not_found")
         metadata = opened.record.metadata
-        wrong = [name for name in _ID_FIELDS if getattr(metadata, name) != path_ids[name]]
+        wrong = [name for name in ROLLOUT_IDS if getattr(metadata, name) != path_ids[name]]
         if wrong:
             raise APIError(404, f"no rollout {rid!r} with that {wrong[0]}", type_="not_found_error", code="rollout_not_found")
         header = request.headers.get("authorization", "")
@@ -289,15 +281,8 @@ class Gateway:
         opened.last_calls = calls
 
     def _accept_log(self, body: Any, authorization: str = "") -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise APIError(400, "log record must be a JSON object")
-        try:
-            log = LogRecordBody.model_validate(body)
-        except ValidationError as exc:
-            raise validation_api_error(exc.errors()) from None
-        rids = [t.split(":", 1)[1] for t in log.tags if t.startswith("rollout_id:")]
-        if not rids:
-            raise APIError(400, "tags: no 'rollout_id:<id>' tag", param="tags")
+        log = parse_log_record(body)
+        rids = log.rollout_ids()
         known = [rid for rid in rids if rid in self._open]
         if not known:
             raise APIError(404, f"unknown or closed rollout {rids[0]!r}", type_="not_found_error", code="rollout_not_found")
@@ -308,6 +293,7 @@ class Gateway:
         if owner is not None and any(rid != owner for rid in known):
             raise APIError(403, f"this API key is not valid for rollout {next(r for r in known if r != owner)!r}",
                            type_="permission_error", code="invalid_api_key")
+        self.traces.add_log(log, known)
         terminal = log.status is not None and log.status.code != StatusCode.RUNNING
         if terminal:
             for rid in known:

@@ -185,10 +185,11 @@ class EnvPool:
 
     async def probe(self, timeout_s: float = 5.0) -> list[str]:
         """GET /health on every env. Raises EnvsUnreachable if none answers; returns warnings
-        for those that do not (they are marked down and skipped while down). An env answering
-        404 there, or a body that is not openrft's Health (a web app's own liveness route), is
-        taken for an eval-protocol server (no /status): with wait "auto" its rollouts end only by
-        the gateway's /logs push."""
+        for those that do not (they are marked down and skipped while down). An env whose /health
+        is openrft's is polled ("poll"). One without it (404, or a web app's own liveness route)
+        may still serve /status (a server written from the SPEC's two required endpoints) or not
+        (eval-protocol servers): with wait "auto" its first rollout's first /status answer decides
+        (`settle_wait`)."""
 
         async def one(slot: EnvSlot) -> str | None:
             try:
@@ -196,9 +197,10 @@ class EnvPool:
                     await probe.health()
             except (NotFoundError, EnvProtocolError) as exc:
                 if slot.wait == "auto":
-                    slot.wait = "logs"
                     found = "has no /health" if isinstance(exc, NotFoundError) else "has a /health of its own"
-                    logger.warning("env %s %s: waiting for its /logs pushes only", slot.url, found)
+                    logger.info("env %s %s: its first /status answer tells whether it is polled "
+                                "or waited for by /logs pushes", slot.url, found)
+                return None
             except (EnvError, OSError) as exc:
                 slot.down_until = time.monotonic() + DOWN_FOR_S
                 return f"env {slot.url} is unreachable: {exc}"
@@ -211,6 +213,33 @@ class EnvPool:
         if len(problems) == len(self.slots):
             raise EnvsUnreachable("no env server answers GET /health:\n  " + "\n  ".join(problems))
         return problems
+
+    async def settle_wait(self, slot: EnvSlot, rollout_id: str) -> StatusResponse | None:
+        """For an env whose wait mode is still "auto": one GET /status of a rollout it just accepted.
+        A StatusResponse means it serves /status: polled from now on (the answer is returned).
+        404/405 or an answer that is not a StatusResponse means it does not (eval-protocol servers):
+        its rollouts end by the gateway's /logs push only. Other errors leave the mode undecided."""
+        try:
+            status = await slot.client.status(rollout_id)
+        except (NotFoundError, EnvProtocolError) as exc:
+            self._decide(slot, "logs", f"serves no /status ({type(exc).__name__}: {exc})")
+            return None
+        except EnvHTTPError as exc:
+            if exc.status_code != 405:
+                raise
+            self._decide(slot, "logs", "serves no GET /status (405)")
+            return None
+        self._decide(slot, "poll", "serves /status")
+        return status
+
+    @staticmethod
+    def _decide(slot: EnvSlot, wait: str, why: str) -> None:
+        if slot.wait == "auto":
+            slot.wait = wait
+            if wait == "poll":
+                logger.info("env %s %s: its rollouts are polled", slot.url, why)
+            else:
+                logger.warning("env %s %s: its rollouts end by the gateway's /logs pushes only", slot.url, why)
 
     def pick(self, avoid: EnvSlot | None = None) -> EnvSlot:
         """The env for the next attempt: up ones only (any, if all are down), `avoid` (where the
@@ -589,6 +618,15 @@ class RolloutScheduler:
                 StatusCode.DEADLINE_EXCEEDED, f"rollout not terminal after its deadline of {self.deadline_s:g}s; cancelled"))
 
     async def _wait(self, slot: EnvSlot, rid: str) -> StatusResponse:
+        if slot.wait == "auto":
+            try:
+                first = await self.pool.settle_wait(slot, rid)
+            except EnvError as exc:
+                status, retry = _error_status(exc)
+                raise _Attempt(Status.error(StatusCode(status.code), f"while waiting: {status.message}"),
+                               retry=retry) from None
+            if first is not None and first.terminated:
+                return first
         polled = self.pool.watch(slot, rid) if slot.wait != "logs" else None
         # An env that serves /status is believed there only: a /logs push carries no proof of who sent
         # it, so another rollout's env could otherwise end this rollout early.
