@@ -25,14 +25,46 @@ class _Section(BaseModel):
 
 
 class EnvEndpoint(_Section):
-    url: str = Field(description="base URL of an env server (protocol v1)")
-    token: str | None = Field(default=None, description="bearer token the env server expects")
+    """One env server by `url`, or `module`: env servers the trainer starts and stops itself."""
+
+    url: str | None = Field(default=None, description="base URL of a running env server (protocol v1)")
+    module: str | None = Field(
+        default=None,
+        description="MODULE:OBJECT to serve instead of a url, as `openrft env serve MODULE:OBJECT` would: the "
+        "trainer starts the processes on free loopback ports and stops them when it ends (trainer/local_envs.py)",
+    )
+    workers: int = Field(default=1, ge=1, description="with module: processes, each its own URL in the pool")
+    args: list[str] = Field(
+        default_factory=list, description="with module: more `openrft env serve` flags, e.g. [--max-concurrency, '64']"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="with module: extra environment variables")
+    startup_timeout_s: float = Field(
+        default=60.0, gt=0, description="with module: how long each process has to answer GET /health"
+    )
+    token: str | None = Field(
+        default=None,
+        description="bearer token the env server expects; with module also served as `--token` (agent targets)",
+    )
     wait: Literal["auto", "poll", "logs"] = Field(
         default="auto",
         description="how terminal states are learned: poll = batched long-poll of /status; logs = only the "
-        "gateway's /logs push (eval-protocol servers, which serve no /status); auto = poll, unless "
-        "/health is 404 at start",
+        "gateway's /logs push (eval-protocol servers, which serve no /status); auto = poll when /health is "
+        "openrft's, else the first /status answer decides (a StatusResponse: poll; 404/405: logs)",
     )
+
+    @model_validator(mode="after")
+    def _url_or_module(self) -> EnvEndpoint:
+        if (self.url is None) == (self.module is None):
+            raise ValueError("give either `url` (a running env server) or `module` (MODULE:OBJECT to serve here), "
+                             + ("not both" if self.url is not None else "none is set"))
+        if self.module is not None and ":" not in self.module:
+            raise ValueError(f"module {self.module!r}: expected MODULE:OBJECT, e.g. reference_envs.math.server:app")
+        fields = type(self).model_fields
+        local_only = [name for name in ("workers", "args", "env", "startup_timeout_s")
+                      if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+        if self.url is not None and local_only:
+            raise ValueError(f"{', '.join(local_only)} only apply with `module`, not with `url`")
+        return self
 
 
 class SamplingConfig(_Section):
@@ -98,6 +130,12 @@ class RolloutConfig(_Section):
         default=20, ge=0,
         description="circuit breaker: stop the run after this many rollouts in a row failed, after their retries, "
         "for an infrastructure reason (env unreachable, 5xx, at capacity, off-spec answers, auth); 0 = never",
+    )
+    max_untrained_steps: int = Field(
+        default=10, ge=0,
+        description="stop the run (exit 1) after this many steps in a row trained no sample (every rollout "
+        "failed, or every group's rewards tied), with the failures counted by kind; a run in which no step "
+        "trained stops at its end the same way, without writing an adapter; 0 = only that end-of-run check",
     )
 
 

@@ -26,8 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.config import ConfigError, EnvEndpoint, TrainConfig, load_config
 from trainer.data import DatasetError, load_tasks
+from trainer.diagnosis import Tally, deadline_hint, explain
+from trainer.local_envs import LocalEnvError, local_envs
 from trainer.rewards import EvaluatorLoadError, load_evaluator
 from trainer.scheduler import (
     EnvPool,
@@ -55,6 +57,8 @@ class EvalResult:
     pass_at_k: dict[int, float]
     failures: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    finished: int = 0
+    notes: list[str] = field(default_factory=list)  # what went wrong and what to change, when something did
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -71,13 +75,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize(groups: list[GroupResult], model: str, dataset: str, samples: int, ks: list[int],
               seconds: float) -> EvalResult:
-    rewards = [r.reward if r.ok else 0.0 for g in groups for r in g.rollouts]
+    rollouts = [r for g in groups for r in g.rollouts]
+    rewards = [r.reward if r.ok else 0.0 for r in rollouts]
     passes = [sum(1 for r in g.rollouts if r.ok and r.reward >= PASS) for g in groups]
     return EvalResult(
         model=model, dataset=dataset, tasks=len(groups), samples=samples,
         mean_reward=statistics.fmean(rewards) if rewards else 0.0,
         pass_at_k={k: statistics.fmean(pass_at_k(samples, c, k) for c in passes) for k in sorted(set(ks)) if k <= samples},
-        failures=dict(failure_counts(groups)), seconds=seconds,
+        failures=dict(failure_counts(groups)), seconds=seconds, finished=sum(r.ok for r in rollouts),
     )
 
 
@@ -121,7 +126,7 @@ async def _run(config: TrainConfig, endpoint: ModelEndpoint, pool: EnvPool, task
     return await scheduler.run_groups(list(enumerate(tasks)), config.eval.samples, step=0, on_rollout=tick)
 
 
-async def _evaluate(config: TrainConfig) -> tuple[EvalResult, list[GroupResult]]:
+async def _evaluate(config: TrainConfig, envs: list[EnvEndpoint]) -> tuple[EvalResult, list[GroupResult]]:
     from tqdm import tqdm
 
     from trainer.run import serve_gateway
@@ -130,7 +135,7 @@ async def _evaluate(config: TrainConfig) -> tuple[EvalResult, list[GroupResult]]
     tasks = load_tasks(dataset)[: config.eval.limit]
     if config.evaluator:
         load_evaluator(config.evaluator)  # fail before any rollout
-    pool = EnvPool(config.envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
+    pool = EnvPool(envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
     started = time.perf_counter()
     progress = tqdm(total=len(tasks) * config.eval.samples, desc="eval", unit="rollout", disable=not config.progress)
     try:
@@ -158,6 +163,13 @@ async def _evaluate(config: TrainConfig) -> tuple[EvalResult, list[GroupResult]]
         await pool.aclose()
     result = summarize(groups, _describe(config), str(dataset), config.eval.samples, config.eval.k,
                        time.perf_counter() - started)
+    tally = Tally.of([r for g in groups for r in g.rollouts])
+    hint = deadline_hint(tally, config.rollout.deadline_s, config.rollout.max_in_flight, config.sampling.max_tokens)
+    if tally.total and not tally.finished:
+        result.notes.append(f"every rollout failed ({tally.total}): the mean reward says nothing of the model")
+        result.notes += explain(tally)
+    if hint:
+        result.notes.append(hint)
     return result, groups
 
 
@@ -165,8 +177,8 @@ def evaluate(config: TrainConfig) -> EvalResult:
     """Evaluate as `config.eval` says; write the JSON result and the rollouts; return the result."""
     from trainer.run import torch_threads
 
-    with torch_threads(config):
-        result, groups = asyncio.run(_evaluate(config))
+    with torch_threads(config), local_envs(config.envs) as envs:
+        result, groups = asyncio.run(_evaluate(config, envs))
     out = Path(config.eval.out) if config.eval.out else Path(config.run_dir) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -216,8 +228,10 @@ def main(argv: list[str]) -> int:
         if not config.model and not config.eval.url:
             raise ConfigError(f"{args.config}: missing required config key 'model' (or give eval.url / --url)")
         result = evaluate(config)
-    except (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, FileNotFoundError, LocalEnvError) as exc:
         print(f"openrft eval: error: {exc}", file=sys.stderr)
         return 2
     print_table(result, Path(config.eval.out) if config.eval.out else Path(config.run_dir) / "eval.json")
-    return 0
+    for note in result.notes:
+        print(f"openrft eval: {note}", file=sys.stderr)
+    return 0 if result.finished or not result.tasks else 1

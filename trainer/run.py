@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig, load_config, save_config
+from trainer.config import ConfigError, EnvEndpoint, TrainConfig, load_config, save_config
 from trainer.data import DatasetError, TaskStream, load_tasks
+from trainer.diagnosis import Tally, deadline_hint, nothing_trained, untrained_reason
+from trainer.local_envs import LocalEnvError, local_envs
 from trainer.rewards import EvaluatorLoadError, load_evaluator
 from trainer.scheduler import (
     CircuitOpen,
@@ -58,6 +60,11 @@ STATE_FILE = "trainer_state.pt"
 
 class RunError(RuntimeError):
     """A run cannot start or continue; the message says why."""
+
+
+class NothingTrained(RunError):
+    """Every step of the run (or the last `rollout.max_untrained_steps`) trained no sample: rollouts
+    failed or groups tied. The message counts why and says what to check; `openrft train` exits 1."""
 
 
 # --- generation backend ---------------------------------------------------------------------
@@ -327,7 +334,7 @@ def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
     return run_dir
 
 
-async def _train(config: TrainConfig, resume: bool) -> Path:
+async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> Path:
     import torch
 
     from trainer.gateway import Gateway
@@ -335,7 +342,7 @@ async def _train(config: TrainConfig, resume: bool) -> Path:
 
     tasks = load_tasks(config.dataset)
     evaluator = load_evaluator(config.evaluator) if config.evaluator else None
-    pool = EnvPool(config.envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
+    pool = EnvPool(envs, routing=config.rollout.routing, poll_s=config.rollout.poll_s)
     try:
         for warning in await pool.probe():
             logger.warning("%s (skipped while down)", warning)
@@ -384,6 +391,9 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
     from tqdm import tqdm
 
     lock = getattr(backend.inner, "lock", None) or contextlib.nullcontext()
+    trained_before = _groups_trained(run_dir) > 0  # by the steps a resumed run keeps
+    untrained: list[GroupResult] = []  # the groups of the current streak of steps that trained nothing
+    untrained_steps = all_equal = 0
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
                dynamic_ncols=True)
     try:
@@ -411,6 +421,18 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
             gen_s, gen_tokens = backend.take()
             forwards = _forward_calls(backend) - forwards_before
             batch = build_batch(groups, config)
+            hint = deadline_hint(Tally.of([r for g in groups for r in g.rollouts]), config.rollout.deadline_s,
+                                 config.rollout.max_in_flight, config.sampling.max_tokens)
+            if hint:
+                logger.warning("step %d: %s", step, hint)
+            if batch.samples:
+                untrained, untrained_steps, all_equal, trained_before = [], 0, 0, True
+            else:
+                untrained += groups
+                untrained_steps += 1
+                all_equal += batch.all_equal
+                reason = untrained_reason(groups, dropped=batch.dropped, all_equal=batch.all_equal)
+                logger.warning("step %d trained nothing: %s", step, reason)
 
             t1 = time.perf_counter()
 
@@ -449,10 +471,18 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                     for r in g.rollouts:
                         fh.write(json.dumps({"step": step, **r.dump(), "trained": r.rollout_id in batch.trained_ids},
                                             default=str) + "\n")
+            limit = config.rollout.max_untrained_steps
+            if untrained_steps and ((limit and untrained_steps >= limit) or (step == config.steps and not trained_before)):
+                if trained_before:  # keep what the earlier steps learned, resumable
+                    save_checkpoint(run_dir, step, learner, stream)
+                tally = Tally.of([r for g in untrained for r in g.rollouts])
+                raise NothingTrained(nothing_trained(tally, steps=untrained_steps, all_equal=all_equal,
+                                                     what=f"steps {step - untrained_steps + 1}-{step}"))
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(run_dir, step, learner, stream)
+            failures = ",".join(f"{kind}:{n}" for kind, n in failure_counts(groups).most_common())
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}",
-                            fail=int(metrics["rollouts/failed"]))
+                            fail=failures or 0, **({} if batch.samples else {"trained": "nothing"}))
             bar.update(1)
             if not math.isfinite(metrics["loss"]):
                 raise RunError(f"step {step}: the loss is {metrics['loss']}; stopping (see {run_dir}/metrics.jsonl)")
@@ -467,6 +497,14 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
         bar.close()
 
 
+def _groups_trained(run_dir: Path) -> float:
+    """Groups trained by the steps metrics.jsonl holds (a resumed run's earlier steps)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0.0
+    return sum(json.loads(line).get("groups/trained", 0.0) for line in metrics.read_text().splitlines() if line.strip())
+
+
 def _forward_calls(backend: TimedBackend) -> int:
     """Model forward calls the backend has made (0 for backends that do not count them)."""
     return int(getattr(getattr(backend.inner, "stats", None), "forward_calls", 0))
@@ -475,10 +513,13 @@ def _forward_calls(backend: TimedBackend) -> int:
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `config` says; return the run directory."""
     with torch_threads(config):
-        return asyncio.run(_train(config, resume))
+        # config.envs stays as written (config.yaml keeps `module:` entries); the pool gets their URLs
+        with local_envs(config.envs, log_dir=Path(config.run_dir) / "env_logs") as envs:
+            return asyncio.run(_train(config, resume, envs))
 
 
-USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError)
+USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError,
+               LocalEnvError)
 
 
 def main(argv: list[str]) -> int:
@@ -492,6 +533,9 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run_dir = train(config, resume=args.resume)
+    except NothingTrained as exc:
+        print(f"openrft train: nothing was trained: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         print(f"openrft train: error: {exc}", file=sys.stderr)
         return 2
