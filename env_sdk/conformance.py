@@ -1,8 +1,12 @@
-"""`openrft conformance URL [--token T]`: check any env server against protocol v1.
+"""`openrft conformance URL [--token T] [--strict]`: check any env server against protocol v1.
 
-It talks raw HTTP (no retries, so nothing is masked), starts rollouts whose `model_base_url`
-points at a stub OpenAI-compatible model it serves itself on loopback (or `--model-url`), and
-prints one row per check. Exit status 1 when any check fails.
+Checks come in two levels (SPEC section 10). `core` is what every env server must do, eval-protocol's
+included; `v1` is openrft's extensions, each reported present (pass or fail) or absent. The exit
+status is 1 when a core check fails, when a present extension is broken, and, with --strict or
+against a server that claims v1 (X-OpenRFT-Protocol header), when an extension is absent.
+
+It talks raw HTTP (no retries, so nothing is masked) and starts rollouts whose `model_base_url`
+points at a stub OpenAI-compatible model it serves itself on loopback (or `--model-url`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -29,25 +33,67 @@ from rich.table import Table
 from env_sdk.models import (
     CAP_INIT_BATCH,
     PROTOCOL_VERSION,
+    CancelResponse,
     Health,
     InitBatchResponse,
     StatusBatchResponse,
+    StatusCode,
     StatusResponse,
     VersionResponse,
 )
+from env_sdk.server import PROTOCOL_HEADER
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+Level = Literal["core", "v1"]
+CheckStatus = Literal["pass", "fail", "absent", "skip"]
+
+CORE: Level = "core"
+V1: Level = "v1"
+PASS: CheckStatus = "pass"
+FAIL: CheckStatus = "fail"
+ABSENT: CheckStatus = "absent"
+SKIP: CheckStatus = "skip"
+
+HEALTH = "health (capacity)"
+BATCHED_STATUS = "batched status"
+BATCHED_INIT = "batched init (optional)"
+#: Extensions openrft's trainer uses whenever a server answers them: broken, they break training.
+TRAINER_USES = frozenset({HEALTH, BATCHED_STATUS, BATCHED_INIT})
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckResult:
     name: str
-    outcome: str  # PASS / FAIL / SKIP
+    level: Level
+    status: CheckStatus
     detail: str = ""
+    required: bool = False  # must be present: core checks, and v1 ones with --strict or a v1 claim
+
+    @property
+    def fails(self) -> bool:
+        return self.status == FAIL or (self.status == ABSENT and self.required)
+
+    @property
+    def outcome(self) -> str:
+        """`status` in capitals (`"PASS"`, `"FAIL"`, ...), as results were read before levels existed."""
+        return self.status.upper()
 
 
-class CheckFailed(Exception):
-    pass
+class Verdict(Exception):
+    """Ends a check with `status`; the message is the detail."""
+
+    status: CheckStatus
+
+
+class CheckFailed(Verdict):
+    status = FAIL
+
+
+class Absent(Verdict):
+    status = ABSENT
+
+
+class Skipped(Verdict):
+    status = SKIP
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -55,13 +101,32 @@ def _expect(cond: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
+def _first_error(exc: ValidationError, resp: httpx.Response) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']} (got {resp.text[:120]!r})"
+
+
 def _shape(model: type[Any], resp: httpx.Response) -> Any:
     try:
         return model.model_validate_json(resp.content)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CheckFailed(f"body is not a {model.__name__}: {'.'.join(map(str, first['loc'])) or 'body'}: "
-                          f"{first['msg']} (got {resp.text[:120]!r})") from None
+        raise CheckFailed(f"body is not a {model.__name__}: {_first_error(exc, resp)}") from None
+
+
+def _present(resp: httpx.Response, what: str) -> None:
+    if resp.status_code in (404, 405):
+        raise Absent(f"{what}: HTTP {resp.status_code}")
+
+
+def _own_route(model: type[Any], resp: httpx.Response, what: str) -> Any:
+    """Parse an openrft GET extension's 200 body. Web apps often have a `/health` of their own
+    (eval-protocol's servers answer `{"status": "ok"}`): a body that is not openrft's model is that
+    route, so the extension is absent rather than broken (the trainer reads it the same way)."""
+    try:
+        return model.model_validate_json(resp.content)
+    except ValidationError as exc:
+        raise Absent(f"{what} answers 200 with a body of its own, not openrft's {model.__name__}: "
+                     f"{_first_error(exc, resp)}") from None
 
 
 def _has_message(resp: httpx.Response) -> bool:
@@ -120,6 +185,8 @@ async def serve_stub(host: str) -> AsyncIterator[tuple[str, FastAPI]]:
 
 # --- the checks -------------------------------------------------------------------------------
 
+Check = Callable[[], Awaitable[str]]
+
 
 @dataclass
 class Conformance:
@@ -127,11 +194,17 @@ class Conformance:
     token: str | None
     model_url: str
     task: dict[str, Any]
+    strict: bool = False
     deadline_s: float = 30.0
     init_fast_s: float = 1.0
     model_calls: Counter[str] | None = None
-    results: list[CheckResult] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    protocol_headers: set[str] = field(default_factory=set)
+    http: httpx.AsyncClient = field(init=False)
+
+    @property
+    def claims_v1(self) -> bool:
+        return PROTOCOL_VERSION in self.protocol_headers
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -149,25 +222,57 @@ class Conformance:
     def rid(self, label: str) -> str:
         return f"conf-{self.run_id}-{label}"
 
-    async def check(self, name: str, fn: Callable[[], Awaitable[str | None]]) -> bool:
-        try:
-            detail = await fn()
-        except CheckFailed as exc:
-            self.results.append(CheckResult(name, FAIL, str(exc)))
-            return False
-        except httpx.HTTPError as exc:
-            self.results.append(CheckResult(name, FAIL, f"{type(exc).__name__}: {exc}"))
-            return False
-        if detail is not None and detail.startswith("skip:"):
-            self.results.append(CheckResult(name, SKIP, detail[5:].strip()))
-            return True
-        self.results.append(CheckResult(name, PASS, detail or ""))
-        return True
+    async def _note_protocol(self, resp: httpx.Response) -> None:
+        if PROTOCOL_HEADER in resp.headers:
+            self.protocol_headers.add(resp.headers[PROTOCOL_HEADER])
 
-    async def wait_terminal(self, http: httpx.AsyncClient, rid: str, within_s: float) -> StatusResponse:
+    async def run(self) -> list[CheckResult]:
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers(), timeout=30,
+                                     event_hooks={"response": [self._note_protocol]}) as self.http:
+            results = [await self._check(name, level, fn) for name, level, fn in self._checks()]
+        return self._settle_absent(results)
+
+    def _checks(self) -> list[tuple[str, Level, Check]]:
+        return [
+            ("init accepted fast", CORE, self.init_fast),
+            ("status shape", CORE, self.status_shape),
+            ("terminal state reached", CORE, self.terminal),
+            ("idempotent init", CORE, self.idempotent),
+            ("unknown id -> 404", CORE, self.unknown_id),
+            ("bad body -> 4xx + message", CORE, self.bad_body),
+            (HEALTH, V1, self.health),
+            ("version discovery", V1, self.version),
+            ("bearer token -> 401", V1, self.auth),
+            ("cancel", V1, self.cancel),
+            (BATCHED_STATUS, V1, self.batched_status),
+            (BATCHED_INIT, V1, self.batched_init),
+        ]
+
+    @staticmethod
+    async def _check(name: str, level: Level, fn: Check) -> CheckResult:
+        try:
+            return CheckResult(name, level, PASS, await fn())
+        except Verdict as exc:
+            return CheckResult(name, level, exc.status, str(exc))
+        except httpx.HTTPError as exc:
+            return CheckResult(name, level, FAIL, f"{type(exc).__name__}: {exc}")
+
+    def _settle_absent(self, results: list[CheckResult]) -> list[CheckResult]:
+        """Mark what must be present: core checks always, v1 extensions when the server claims v1 or
+        with --strict (decided at the end: the claim may come with any answer)."""
+        if self.claims_v1:
+            why = f"required of a v1 server (it sends {PROTOCOL_HEADER}: {PROTOCOL_VERSION})"
+        elif self.strict:
+            why = "required by --strict"
+        else:
+            return [replace(r, required=r.level == CORE) for r in results]
+        return [replace(r, required=True, detail=f"{r.detail}; {why}" if r.status == ABSENT else r.detail)
+                for r in results]
+
+    async def wait_terminal(self, rid: str, within_s: float) -> StatusResponse:
         end = time.monotonic() + within_s
         while True:
-            resp = await http.get("/status", params={"rollout_id": rid, "wait_s": 1.0}, timeout=within_s + 5)
+            resp = await self.http.get("/status", params={"rollout_id": rid, "wait_s": 1.0}, timeout=within_s + 5)
             _expect(resp.status_code == 200, f"GET /status for a started rollout: HTTP {resp.status_code}")
             st: StatusResponse = _shape(StatusResponse, resp)
             if st.terminated:
@@ -176,199 +281,231 @@ class Conformance:
                 raise CheckFailed(f"rollout {rid} not terminal after {within_s:g}s")
             await asyncio.sleep(0.05)
 
-    async def run(self) -> list[CheckResult]:
-        async with httpx.AsyncClient(base_url=self.url, headers=self.headers(), timeout=30) as http:
-            await self._run(http)
-        return self.results
+    async def start(self, rid: str) -> httpx.Response:
+        return await self.http.post("/init", json=self.body(rid))
 
-    async def _run(self, http: httpx.AsyncClient) -> None:
+    # core
+
+    async def init_fast(self) -> str:
+        rid = self.rid("main")
+        t0 = time.monotonic()
+        resp = await self.start(rid)
+        took = time.monotonic() - t0
+        _expect(resp.status_code in (200, 202), f"POST /init: HTTP {resp.status_code}: {resp.text[:200]}")
+        _expect(took <= self.init_fast_s, f"POST /init took {took:.2f}s (> {self.init_fast_s:g}s): it must "
+                                          "return before the rollout runs")
+        with contextlib.suppress(ValueError):
+            body = resp.json()
+            answered = body.get("rollout_id") if isinstance(body, dict) else None
+            _expect(answered in (None, rid), f"answered rollout_id {answered!r}, sent {rid!r}")
+        return f"HTTP {resp.status_code} in {took * 1000:.0f} ms"
+
+    async def status_shape(self) -> str:
+        resp = await self.http.get("/status", params={"rollout_id": self.rid("main")})
+        _expect(resp.status_code == 200, f"GET /status: HTTP {resp.status_code}")
+        st: StatusResponse = _shape(StatusResponse, resp)
+        return f"terminated={st.terminated}, code {st.status.code if st.status else '- (no status object)'}"
+
+    async def terminal(self) -> str:
+        rid = self.rid("main")
+        st = await self.wait_terminal(rid, self.deadline_s)
+        if st.status is not None and not st.status.ok:
+            raise CheckFailed(f"the rollout failed: code {st.status.code} {st.status.message!r} (does the env "
+                              "need a real task? pass one with --task FILE)")
+        if st.reward is not None:
+            _expect(0.0 <= st.reward <= 1.0, f"reward {st.reward} outside [0, 1]")
+        calls = (self.model_calls or Counter()).get(rid, 0)
+        code = f"code {st.status.code} {st.status.message!r}" if st.status else "no status object (read as FINISHED)"
+        return f"{code}, reward {st.reward}, {calls} model call(s)"
+
+    async def idempotent(self) -> str:
         main_rid, dup_rid = self.rid("main"), self.rid("dup")
+        first = await self.start(dup_rid)
+        second = await self.start(dup_rid)
+        _expect(first.status_code in (200, 202), f"first POST /init: HTTP {first.status_code}")
+        _expect(second.status_code in (200, 202), f"repeated POST /init with the same rollout_id: "
+                                                  f"HTTP {second.status_code}, expected 200 or 202")
+        await self.wait_terminal(dup_rid, self.deadline_s)
+        if self.model_calls is not None and self.model_calls.get(main_rid):
+            once, twice = self.model_calls[main_rid], self.model_calls[dup_rid]
+            _expect(twice == once, f"the repeated rollout made {twice} model calls, a single one {once}: "
+                                   "it ran twice")
+        return f"HTTP {first.status_code} then {second.status_code}, one rollout"
 
-        async def health() -> str:
-            resp = await http.get("/health")
-            _expect(resp.status_code == 200, f"GET /health: HTTP {resp.status_code}")
-            h: Health = _shape(Health, resp)
-            _expect(h.capacity >= 1, f"capacity {h.capacity} < 1")
-            return f"capacity {h.capacity}, in flight {h.in_flight}"
+    async def unknown_id(self) -> str:
+        resp = await self.http.get("/status", params={"rollout_id": self.rid("never-started")})
+        _expect(resp.status_code == 404, f"GET /status for an unknown id: HTTP {resp.status_code}, expected 404")
+        return "404"
 
-        async def version() -> str:
-            resp = await http.get("/version")
-            _expect(resp.status_code == 200, f"GET /version: HTTP {resp.status_code}")
-            v: VersionResponse = _shape(VersionResponse, resp)
-            _expect(v.protocol_version == PROTOCOL_VERSION, f"protocol_version {v.protocol_version!r}, expected "
-                                                            f"{PROTOCOL_VERSION!r}")
-            header = resp.headers.get("x-openrft-protocol")
-            _expect(header == PROTOCOL_VERSION, f"X-OpenRFT-Protocol header is {header!r}")
-            return f"v{v.protocol_version} ({v.sdk or v.name})"
+    async def bad_body(self) -> str:
+        seen = []
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("malformed JSON", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+            ("missing metadata", {"json": {"messages": []}}),
+            ("wrong type", {"json": {**self.body(self.rid("bad")), "messages": "hello"}}),
+        ]
+        for label, kw in cases:
+            resp = await self.http.post("/init", **kw)
+            _expect(400 <= resp.status_code < 500, f"{label}: HTTP {resp.status_code}, expected 4xx")
+            _expect(resp.status_code not in (401, 403, 404, 429), f"{label}: HTTP {resp.status_code}")
+            _expect(_has_message(resp), f"{label}: HTTP {resp.status_code} without a message")
+            seen.append(str(resp.status_code))
+        resp = await self.http.get("/status")
+        _expect(400 <= resp.status_code < 500, f"GET /status without rollout_id: HTTP {resp.status_code}")
+        return "/".join(seen) + " with messages"
 
-        async def auth() -> str:
-            if not self.token:
-                return "skip: no --token given"
-            for label, headers in [("no token", {}), ("wrong token", {"Authorization": "Bearer not-the-token"})]:
-                probes: list[tuple[str, str, dict[str, Any]]] = [
-                    ("POST", "/init", {"json": self.body(self.rid("auth"))}),
-                    ("GET", "/status", {"params": {"rollout_id": main_rid}}),
-                ]
+    # v1 extensions
+
+    async def health(self) -> str:
+        resp = await self.http.get("/health")
+        _present(resp, "GET /health")
+        _expect(resp.status_code == 200, f"GET /health: HTTP {resp.status_code}")
+        h: Health = _own_route(Health, resp, "GET /health")
+        _expect(h.capacity >= 1, f"capacity {h.capacity} < 1")
+        return f"capacity {h.capacity}, in flight {h.in_flight}"
+
+    async def version(self) -> str:
+        resp = await self.http.get("/version")
+        _present(resp, "GET /version")
+        _expect(resp.status_code == 200, f"GET /version: HTTP {resp.status_code}")
+        v: VersionResponse = _own_route(VersionResponse, resp, "GET /version")
+        _expect(v.protocol_version == PROTOCOL_VERSION, f"protocol_version {v.protocol_version!r}, expected "
+                                                        f"{PROTOCOL_VERSION!r}")
+        header = resp.headers.get(PROTOCOL_HEADER)
+        _expect(header == PROTOCOL_VERSION, f"{PROTOCOL_HEADER} header is {header!r}")
+        return f"v{v.protocol_version} ({v.sdk or v.name}), header {header}"
+
+    async def auth(self) -> str:
+        if not self.token:
+            raise Skipped("no --token given")
+        probes: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", "/init", {"json": self.body(self.rid("auth"))}),
+            ("GET", "/status", {"params": {"rollout_id": self.rid("main")}}),
+        ]
+        for label, headers in [("no token", {}), ("wrong token", {"Authorization": "Bearer not-the-token"})]:
+            async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30) as anon:
                 for method, path, kw in probes:
-                    async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30) as anon:
-                        resp = await anon.request(method, path, **kw)
+                    resp = await anon.request(method, path, **kw)
                     _expect(resp.status_code == 401, f"{method} {path} with {label}: HTTP {resp.status_code}, "
                                                      "expected 401")
-            return "401 without / with a wrong token"
+        return "401 without / with a wrong token"
 
-        async def init_fast() -> str:
-            t0 = time.monotonic()
-            resp = await http.post("/init", json=self.body(main_rid))
-            took = time.monotonic() - t0
-            _expect(resp.status_code in (200, 202), f"POST /init: HTTP {resp.status_code}: {resp.text[:200]}")
-            _expect(took <= self.init_fast_s, f"POST /init took {took:.2f}s (> {self.init_fast_s:g}s): it must "
-                                              "return before the rollout runs")
-            with contextlib.suppress(ValueError):
-                rid = resp.json().get("rollout_id")
-                _expect(rid in (None, main_rid), f"answered rollout_id {rid!r}, sent {main_rid!r}")
-            return f"HTTP {resp.status_code} in {took * 1000:.0f} ms"
+    async def cancel(self) -> str:
+        rid = self.rid("cancel")
+        started = await self.start(rid)
+        if started.status_code not in (200, 202):
+            raise Skipped(f"needs a started rollout; POST /init: HTTP {started.status_code}")
+        resp = await self.http.post("/cancel", params={"rollout_id": rid})
+        _present(resp, "POST /cancel")
+        _expect(resp.status_code == 200, f"POST /cancel: HTTP {resp.status_code}, expected 200")
+        answer: CancelResponse = _shape(CancelResponse, resp)
+        _expect(answer.rollout_id == rid, f"answered rollout_id {answer.rollout_id!r}, sent {rid!r}")
+        st = await self.wait_terminal(rid, 10.0)
+        code = st.status.code if st.status else None
+        _expect(not answer.cancelled or code == StatusCode.CANCELLED,
+                f"cancelled: true, but the status reads code {code}, expected {int(StatusCode.CANCELLED)}")
+        missing = await self.http.post("/cancel", params={"rollout_id": self.rid("never-started")})
+        _expect(missing.status_code == 404, f"POST /cancel for an unknown id: HTTP {missing.status_code}")
+        return f"cancelled={answer.cancelled}, terminal with code {code if code is not None else '-'}"
 
-        async def status_shape() -> str:
-            resp = await http.get("/status", params={"rollout_id": main_rid})
-            _expect(resp.status_code == 200, f"GET /status: HTTP {resp.status_code}")
-            st: StatusResponse = _shape(StatusResponse, resp)
-            _expect(st.status is not None, "status object missing")
-            return f"terminated={st.terminated}, code {st.status.code if st.status else '-'}"
+    async def batched_status(self) -> str:
+        main_rid, ghost = self.rid("main"), self.rid("ghost")
+        resp = await self.http.post("/status/batch", json={"rollout_ids": [main_rid, ghost], "wait_s": 1.0})
+        _present(resp, "POST /status/batch")
+        _expect(resp.status_code == 200, f"POST /status/batch: HTTP {resp.status_code}")
+        b: StatusBatchResponse = _shape(StatusBatchResponse, resp)
+        _expect(main_rid in b.statuses, "a terminal rollout is missing from `statuses`")
+        _expect(b.unknown == [ghost], f"unknown = {b.unknown}, expected [{ghost!r}]")
+        return "terminal listed, unknown id reported"
 
-        async def terminal() -> str:
-            st = await self.wait_terminal(http, main_rid, self.deadline_s)
-            _expect(st.status is not None, "terminal status without a status object")
-            if st.status is not None and not st.status.ok:
-                raise CheckFailed(f"the rollout failed: code {st.status.code} {st.status.message!r} (does the env "
-                                  "need a real task? pass one with --task FILE)")
-            if st.reward is not None:
-                _expect(0.0 <= st.reward <= 1.0, f"reward {st.reward} outside [0, 1]")
-            calls = (self.model_calls or Counter()).get(main_rid, 0)
-            return (f"code {st.status.code if st.status else '-'} {st.status.message if st.status else ''!r}, "
-                    f"reward {st.reward}, {calls} model call(s)")
-
-        async def idempotent() -> str:
-            first = await http.post("/init", json=self.body(dup_rid))
-            second = await http.post("/init", json=self.body(dup_rid))
-            _expect(first.status_code in (200, 202), f"first POST /init: HTTP {first.status_code}")
-            _expect(second.status_code in (200, 202), f"repeated POST /init with the same rollout_id: "
-                                                      f"HTTP {second.status_code}, expected 200 or 202")
-            await self.wait_terminal(http, dup_rid, self.deadline_s)
-            if self.model_calls is not None and self.model_calls.get(main_rid):
-                once, twice = self.model_calls[main_rid], self.model_calls[dup_rid]
-                _expect(twice == once, f"the repeated rollout made {twice} model calls, a single one {once}: "
-                                       "it ran twice")
-            return f"HTTP {first.status_code} then {second.status_code}, one rollout"
-
-        async def unknown_id() -> str:
-            resp = await http.get("/status", params={"rollout_id": self.rid("never-started")})
-            _expect(resp.status_code == 404, f"GET /status for an unknown id: HTTP {resp.status_code}, expected 404")
-            return "404"
-
-        async def bad_body() -> str:
-            seen = []
-            cases: list[tuple[str, dict[str, Any]]] = [
-                ("malformed JSON", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
-                ("missing metadata", {"json": {"messages": []}}),
-                ("wrong type", {"json": {**self.body(self.rid("bad")), "messages": "hello"}}),
-            ]
-            for label, kw in cases:
-                resp = await http.post("/init", **kw)
-                _expect(400 <= resp.status_code < 500, f"{label}: HTTP {resp.status_code}, expected 4xx")
-                _expect(resp.status_code not in (401, 403, 404, 429), f"{label}: HTTP {resp.status_code}")
-                _expect(_has_message(resp), f"{label}: HTTP {resp.status_code} without a message")
-                seen.append(str(resp.status_code))
-            resp = await http.get("/status")
-            _expect(400 <= resp.status_code < 500, f"GET /status without rollout_id: HTTP {resp.status_code}")
-            return "/".join(seen) + " with messages"
-
-        async def cancel() -> str:
-            rid = self.rid("cancel")
-            resp = await http.post("/init", json=self.body(rid))
-            _expect(resp.status_code in (200, 202), f"POST /init: HTTP {resp.status_code}")
-            resp = await http.post("/cancel", params={"rollout_id": rid})
-            _expect(resp.status_code == 200, f"POST /cancel: HTTP {resp.status_code}, expected 200")
-            st = await self.wait_terminal(http, rid, 10.0)
-            missing = await http.post("/cancel", params={"rollout_id": self.rid("never-started")})
-            _expect(missing.status_code == 404, f"POST /cancel for an unknown id: HTTP {missing.status_code}")
-            return f"terminal with code {st.status.code if st.status else '-'}"
-
-        async def batch() -> str:
-            ghost = self.rid("ghost")
-            resp = await http.post("/status/batch", json={"rollout_ids": [main_rid, ghost], "wait_s": 1.0})
-            _expect(resp.status_code == 200, f"POST /status/batch: HTTP {resp.status_code}")
-            b: StatusBatchResponse = _shape(StatusBatchResponse, resp)
-            _expect(main_rid in b.statuses, "a terminal rollout is missing from `statuses`")
-            _expect(b.unknown == [ghost], f"unknown = {b.unknown}, expected [{ghost!r}]")
-            return "terminal listed, unknown id reported"
-
-        async def init_batch() -> str:
-            resp = await http.get("/version")
-            capabilities: list[str] = []
-            if resp.status_code == 200:
-                with contextlib.suppress(ValueError):
-                    capabilities = VersionResponse.model_validate_json(resp.content).capabilities
-            if CAP_INIT_BATCH not in capabilities:
-                return "skip: optional, not advertised in GET /version capabilities"
-            rid = self.rid("batch")
-            items = [self.body(rid), self.body(rid), {"messages": "hello"}]
-            resp = await http.post("/init/batch", json={"requests": items})
-            _expect(resp.status_code == 200, f"POST /init/batch: HTTP {resp.status_code}: {resp.text[:200]}")
-            b: InitBatchResponse = _shape(InitBatchResponse, resp)
-            codes = [r.status_code for r in b.results]
-            _expect(len(codes) == 3, f"{len(codes)} results for 3 requests")
-            _expect(codes[0] in (200, 202) and codes[1] == 200, f"a new rollout then its repeat: HTTP {codes[:2]}, "
-                                                                "expected 202 (or 200) then 200")
-            _expect(400 <= codes[2] < 500 and bool(b.results[2].detail), f"an invalid item: HTTP {codes[2]}, "
-                                                                         f"detail {b.results[2].detail!r}")
-            await self.wait_terminal(http, rid, self.deadline_s)
-            return f"per item: {'/'.join(map(str, codes))}"
-
-        for name, fn in [
-            ("health (capacity)", health),
-            ("version discovery", version),
-            ("bearer token -> 401", auth),
-            ("init accepted fast", init_fast),
-            ("status shape", status_shape),
-            ("terminal state reached", terminal),
-            ("idempotent init", idempotent),
-            ("unknown id -> 404", unknown_id),
-            ("bad body -> 4xx + message", bad_body),
-            ("cancel", cancel),
-            ("batched status", batch),
-            ("batched init (optional)", init_batch),
-        ]:
-            await self.check(name, fn)
+    async def batched_init(self) -> str:
+        resp = await self.http.get("/version")
+        capabilities: list[str] = []
+        if resp.status_code == 200:
+            with contextlib.suppress(ValidationError):
+                capabilities = VersionResponse.model_validate_json(resp.content).capabilities
+        if CAP_INIT_BATCH not in capabilities:
+            raise Skipped("optional, not advertised in GET /version capabilities (so not sent)")
+        rid = self.rid("batch")
+        items = [self.body(rid), self.body(rid), {"messages": "hello"}]
+        resp = await self.http.post("/init/batch", json={"requests": items})
+        _expect(resp.status_code == 200, f"POST /init/batch: HTTP {resp.status_code}: {resp.text[:200]}")
+        b: InitBatchResponse = _shape(InitBatchResponse, resp)
+        codes = [r.status_code for r in b.results]
+        _expect(len(codes) == 3, f"{len(codes)} results for 3 requests")
+        _expect(codes[0] in (200, 202) and codes[1] == 200, f"a new rollout then its repeat: HTTP {codes[:2]}, "
+                                                            "expected 202 (or 200) then 200")
+        _expect(400 <= codes[2] < 500 and bool(b.results[2].detail), f"an invalid item: HTTP {codes[2]}, "
+                                                                     f"detail {b.results[2].detail!r}")
+        await self.wait_terminal(rid, self.deadline_s)
+        return f"per item: {'/'.join(map(str, codes))}"
 
 
 async def run_conformance(url: str, *, token: str | None = None, model_url: str | None = None,
-                          task: dict[str, Any] | None = None, deadline_s: float = 30.0,
+                          task: dict[str, Any] | None = None, deadline_s: float = 30.0, strict: bool = False,
                           stub_host: str = "127.0.0.1") -> list[CheckResult]:
-    """Run every check against the env server at `url`."""
+    """Run every check against the env server at `url`; it conforms when no result `fails` (with
+    `strict`, as against a server that claims v1, an absent extension fails too)."""
     if model_url:
-        conf = Conformance(url.rstrip("/"), token, model_url, task or {}, deadline_s=deadline_s)
+        conf = Conformance(url.rstrip("/"), token, model_url, task or {}, strict=strict, deadline_s=deadline_s)
         return await conf.run()
     async with serve_stub(stub_host) as (stub_url, stub):
-        conf = Conformance(url.rstrip("/"), token, f"{stub_url}/v1", task or {}, deadline_s=deadline_s,
-                           model_calls=stub.state.calls)
+        conf = Conformance(url.rstrip("/"), token, f"{stub_url}/v1", task or {}, strict=strict,
+                           deadline_s=deadline_s, model_calls=stub.state.calls)
         return await conf.run()
+
+
+def failed(results: list[CheckResult]) -> list[CheckResult]:
+    return [r for r in results if r.fails]
+
+
+def trainer_verdict(results: list[CheckResult]) -> tuple[bool, str]:
+    """Whether openrft's trainer can train against the server, and why. It needs the core checks only
+    (without /status/batch it polls GET /status per rollout; /health, /cancel, /version are optional
+    to it), but it does use /health, /status/batch and /init/batch when they answer, so they must work."""
+    core = [r.name for r in results if r.level == CORE and r.status != PASS]
+    if core:
+        return False, f"core check(s) failed: {', '.join(core)}"
+    broken = [r.name for r in results if r.name in TRAINER_USES and r.status == FAIL]
+    if broken:
+        return False, f"it would use these and they are broken: {', '.join(broken)}"
+    polls = any(r.name == BATCHED_STATUS and r.status != PASS for r in results)
+    return True, "every core check passes" + ("; it polls GET /status per rollout (no /status/batch)" if polls else "")
+
+
+_STYLE: dict[CheckStatus, str] = {PASS: "green", FAIL: "bold red", ABSENT: "yellow", SKIP: "dim"}
+
+
+def _verdict(r: CheckResult) -> str:
+    return f"[{'bold red' if r.fails else _STYLE[r.status]}]{r.outcome}[/]"
 
 
 def print_table(url: str, results: list[CheckResult], console: Console | None = None) -> None:
+    console = console or Console()
     table = Table(title=f"protocol v{PROTOCOL_VERSION} conformance: {url}")
+    table.add_column("level")
     table.add_column("check")
-    table.add_column("result")
+    table.add_column("verdict")
     table.add_column("detail", overflow="fold")
-    style = {PASS: "green", FAIL: "bold red", SKIP: "yellow"}
     for r in results:
-        table.add_row(r.name, f"[{style[r.outcome]}]{r.outcome}[/]", r.detail)
-    (console or Console()).print(table)
+        table.add_row(r.level, r.name, _verdict(r), r.detail)
+    console.print(table)
+    if any(r.status == ABSENT and not r.required for r in results):
+        console.print(f"[yellow]ABSENT[/]: not served; allowed, as the server does not claim v1 (no {PROTOCOL_HEADER} "
+                      "header). --strict requires every v1 extension.")
+    ok, why = trainer_verdict(results)
+    if ok:
+        console.print(f"[green]openrft's trainer can train against this server[/]: {why}.")
+    else:
+        console.print(f"[bold red]openrft's trainer cannot train against this server[/]: {why}.")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="openrft conformance", description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="base URL of the env server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", help="the server's bearer token (also checks that a wrong one gets 401)")
+    parser.add_argument("--strict", action="store_true", help="fail on absent v1 extensions too (they fail anyway "
+                                                              f"when the server sends {PROTOCOL_HEADER})")
     parser.add_argument("--model-url", help="OpenAI-compatible base URL the env should call (default: a stub "
                                             "served by this command on loopback)")
     parser.add_argument("--stub-host", default="127.0.0.1", help="address the stub model listens on")
@@ -386,10 +523,10 @@ def main(argv: list[str]) -> int:
         if not isinstance(task, dict):
             parser.error(f"--task {args.task}: must hold a JSON object, got {type(task).__name__}")
     results = asyncio.run(run_conformance(args.url, token=args.token, model_url=args.model_url, task=task,
-                                          deadline_s=args.deadline, stub_host=args.stub_host))
+                                          deadline_s=args.deadline, strict=args.strict, stub_host=args.stub_host))
     print_table(args.url, results)
-    failed = [r.name for r in results if r.outcome == FAIL]
-    if failed:
-        Console(stderr=True).print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+    bad = failed(results)
+    if bad:
+        Console(stderr=True).print(f"[bold red]{len(bad)} check(s) failed:[/] {', '.join(r.name for r in bad)}")
         return 1
     return 0
