@@ -17,7 +17,7 @@ bwrap:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q bubblewrap || (apt-get update -q && apt-get install -y -q bubblewrap)); } \
 	  || echo "warning: bubblewrap not installed; the code sandbox falls back to weaker isolation (see env_sdk/sandbox.py)"
 
-# jemalloc: `openrft train/eval/serve/demo` run under it when installed (trainer/allocator.py); glibc's
+# jemalloc: `openrft train/eval/serve/demo` run under it when installed (trainer/commands/allocator.py); glibc's
 # malloc leaves the learner's freed activations resident (SmolLM2 step peak ~0.6 GB higher).
 jemalloc:
 	@[ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 ] \

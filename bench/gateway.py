@@ -44,11 +44,12 @@ import uvicorn
 from openai import AsyncOpenAI
 
 from env_sdk.models import RolloutMetadata
-from trainer.backend import SamplingParams, TransformersBackend
-from trainer.chat import render_prompt
+from trainer.generation import TransformersBackend
+from trainer.types import SamplingParams
+from trainer.gateway.chat import render_prompt
 from trainer.gateway import Gateway
 from trainer.models import build_tiny_model, load_model
-from trainer.smollm2 import convert_smollm2
+from trainer.models.smollm2 import convert_smollm2
 
 PATHS = ("direct", "gateway", "gateway+openai")
 

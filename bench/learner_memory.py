@@ -35,8 +35,8 @@ def measure(model: str, steps: int, checkpointing: bool, threads: int, work: Pat
     import torch
 
     from trainer.config import GrpoConfig, LoraConfig, OptimConfig
-    from trainer.learner import Learner
-    from trainer.samples import Sample
+    from trainer.learning.learner import Learner
+    from trainer.learning.samples import Sample
 
     torch.set_num_threads(threads)
     if model == "tiny":
@@ -44,7 +44,7 @@ def measure(model: str, steps: int, checkpointing: bool, threads: int, work: Pat
 
         model_dir = build_tiny_model(work / "tiny")
     else:
-        from trainer.smollm2 import convert_smollm2
+        from trainer.models.smollm2 import convert_smollm2
 
         model_dir = convert_smollm2()
     learner = Learner(model_dir, lora=LoraConfig(rank=16, alpha=32), optim=OptimConfig(),
@@ -81,7 +81,7 @@ def measure(model: str, steps: int, checkpointing: bool, threads: int, work: Pat
 
 
 def run_config(allocator: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, float] | None:
-    from trainer.allocator import find_jemalloc
+    from trainer.commands.allocator import find_jemalloc
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if allocator == "jemalloc":

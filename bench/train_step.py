@@ -50,7 +50,7 @@ def resolve_model(name: str, workdir: Path) -> Path:
 
         return build_tiny_model(workdir / "tiny")
     if name == "smollm2":
-        from trainer.smollm2 import convert_smollm2
+        from trainer.models.smollm2 import convert_smollm2
 
         return convert_smollm2()
     return Path(name)
@@ -58,7 +58,7 @@ def resolve_model(name: str, workdir: Path) -> Path:
 
 def train_steps(model: Path, env_url: str, workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from trainer.config import load_config
-    from trainer.run import train
+    from trainer.commands.train import train
 
     config = load_config(None, [
         f"model={model}", f"dataset={DATASET}", f"envs=[{{url: '{env_url}'}}]", f"run_dir={workdir / 'run'}",
@@ -73,13 +73,13 @@ def train_steps(model: Path, env_url: str, workdir: Path, args: argparse.Namespa
 
 
 async def _rollout_throughput(model_dir: Path, env_url: str, max_batch_size: int, max_tokens: int) -> tuple[float, int]:
-    from trainer.backend import TransformersBackend
+    from trainer.generation import TransformersBackend
     from trainer.config import EnvEndpoint
     from trainer.data import load_tasks
     from trainer.gateway import Gateway
     from trainer.models import load_model
-    from trainer.run import serve_gateway
-    from trainer.scheduler import EnvPool, GatewayEndpoint, RolloutScheduler
+    from trainer.gateway.server import serve_gateway
+    from trainer.rollouts import EnvPool, GatewayEndpoint, RolloutScheduler
 
     model, tok = load_model(model_dir)
     backend = TransformersBackend(model.eval(), tok, max_batch_size=max_batch_size, seed=0)

@@ -43,7 +43,7 @@ def train_steps(model: Path, env_url: str, run_dir: Path, args: argparse.Namespa
     import json
 
     from trainer.config import load_config
-    from trainer.run import train
+    from trainer.commands.train import train
 
     config = load_config(None, [
         f"model={model}", f"dataset={DATASET}", f"envs=[{{url: '{env_url}'}}]", f"run_dir={run_dir}",

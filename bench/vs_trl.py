@@ -8,7 +8,7 @@ scores in-process; openrft's reward comes from a real env server (its own subpro
 calls the policy through the trainer's gateway, as in production. Each side runs in its own
 subprocess so that its peak memory (ru_maxrss) is its own; the env server's is not counted.
 openrft's side runs under the allocator `openrft train` picks for itself (jemalloc when installed,
-trainer/allocator.py); `openrft-ckpt` is the same side with grpo.gradient_checkpointing on.
+trainer/commands/allocator.py); `openrft-ckpt` is the same side with grpo.gradient_checkpointing on.
 
     python bench/vs_trl.py                        # the tiny model, 8 prompts x 4, 32 new tokens
     python bench/vs_trl.py --model smollm2 --steps 3 --sides openrft openrft-ckpt trl
@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as `python bench/vs_trl.py`: import this ch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.vs_openenv import REPO_ROOT, ServerProcess
-from trainer.allocator import preload_env
+from trainer.commands.allocator import preload_env
 
 BASELINE_INSTALL = "pip install -e '.[bench]'   # or: pip install trl==1.16.0"
 SIDES = ("openrft", "openrft-ckpt", "trl")
@@ -105,7 +105,7 @@ def vowel_env_app() -> Any:
 
 def run_openrft(w: Workload, env_url: str, work: Path, *, checkpointing: bool = False) -> SideResult:
     from trainer.config import load_config
-    from trainer.run import train
+    from trainer.commands.train import train
 
     config = load_config(None, [
         f"model={w.model_dir}", f"dataset={w.dataset}", f"envs=[{{url: '{env_url}'}}]", f"run_dir={work / 'run'}",
@@ -228,7 +228,7 @@ def prepare(model: str, work: Path, *, steps: int, prompts: int) -> tuple[str, s
 
         model_dir = build_tiny_model(work / "tiny")
     else:
-        from trainer.smollm2 import convert_smollm2
+        from trainer.models.smollm2 import convert_smollm2
 
         model_dir = convert_smollm2()
     dataset = work / "prompts.jsonl"

@@ -52,6 +52,6 @@ async def assert_conformant(env_app: Any, row: dict[str, Any]) -> None:
     """`openrft conformance` (programmatically) passes against `env_app` serving `row`'s task."""
     with serve_app(env_app) as url:
         results = await run_conformance(url, task={"messages": row["messages"], "task_metadata": row["metadata"]})
-    failed = [(r.name, r.detail) for r in results if r.outcome == "FAIL"]
+    failed = [(r.name, r.detail) for r in results if r.status == "fail"]
     assert not failed, failed
-    assert sum(r.outcome == "PASS" for r in results) >= 10
+    assert sum(r.status == "pass" for r in results) >= 10

@@ -1,4 +1,4 @@
-"""`openrft`'s heavy commands re-execute themselves once under jemalloc (trainer/allocator.py)."""
+"""`openrft`'s heavy commands re-execute themselves once under jemalloc (trainer/commands/allocator.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from trainer.allocator import find_jemalloc, preload_env
+from trainer.commands.allocator import find_jemalloc, preload_env
 
 # The child process stands in for `openrft train`: it asks to be re-executed, then reports.
 CHILD = """
 import os
-from trainer.allocator import reexec_under_jemalloc
+from trainer.commands.allocator import reexec_under_jemalloc
 print("pid", os.getpid(), flush=True)
 reexec_under_jemalloc()
 maps = open("/proc/self/maps").read()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from trainer.backend import GenerationBackend, SamplingParams, TransformersBackend
+from trainer.generation import TransformersBackend
+from trainer.types import GenerationBackend, SamplingParams
 from trainer.models import build_tiny_model, load_model
 
 

@@ -131,7 +131,7 @@ def test_learner_memory_runs_every_configuration(capsys: pytest.CaptureFixture[s
     """bench/learner_memory.py on the tiny model: each allocator x checkpointing in its own process."""
     pytest.importorskip("torch", reason="bench/learner_memory.py needs the training extra")
     from bench import learner_memory
-    from trainer.allocator import find_jemalloc
+    from trainer.commands.allocator import find_jemalloc
 
     assert learner_memory.main(["--model", "tiny", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from trainer.chat import (
+from trainer.gateway.chat import (
     TOOL_PARSERS,
     ChatFormatError,
     ParsedOutput,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port
-from trainer.demo import DEMO_CONFIG, main
+from trainer.commands.demo import DEMO_CONFIG, main
 
 
 @pytest.mark.slow
@@ -28,8 +28,8 @@ def test_demo_trains_smollm2_and_the_adapter_serves(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.config import load_config
-    from trainer.demo import run_demo
-    from trainer.smollm2 import convert_smollm2
+    from trainer.commands.demo import run_demo
+    from trainer.models.smollm2 import convert_smollm2
 
     model_dir = convert_smollm2()
     config = load_config(DEMO_CONFIG, ["steps=3", "progress=false", "sampling.max_tokens=12"])

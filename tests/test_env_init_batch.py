@@ -28,7 +28,7 @@ from env_sdk.client import INIT_BATCH_TIMEOUT_S
 from tests.helpers import Recorder, serve_app
 from tests.helpers import init_request as request
 from trainer.config import EnvEndpoint
-from trainer.scheduler import EnvPool, ExternalEndpoint, RolloutScheduler
+from trainer.rollouts import EnvPool, ExternalEndpoint, RolloutScheduler
 
 
 class Sleeper:

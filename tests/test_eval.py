@@ -14,7 +14,7 @@ import yaml
 
 from env_sdk import AgentResult, RolloutTask, create_env_app
 from tests.helpers import scripted_model_app, serve_app
-from trainer.evaluate import main, pass_at_k
+from trainer.commands.evaluate import main, pass_at_k
 
 
 async def vowel_agent(task: RolloutTask, client: openai.AsyncOpenAI) -> AgentResult:
@@ -57,7 +57,7 @@ def read(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def test_base_and_adapter(setup: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.config import GrpoConfig, LoraConfig, OptimConfig
-    from trainer.learner import Learner
+    from trainer.learning.learner import Learner
 
     root, model, config = setup
     assert main([str(config)]) == 0

@@ -238,14 +238,14 @@ async def test_eval_protocol_env_with_a_plain_health_route_is_waited_for_by_logs
     """`wait: auto` must not take an eval-protocol env for a v1 server (or a dead one) because it
     answers GET /health with a body of its own: its first /status answer (a 404: it has none) decides."""
     from trainer.config import EnvEndpoint
-    from trainer.scheduler import EnvPool
+    from trainer.rollouts import EnvPool
 
     env = EPStyleEnv("http://127.0.0.1:9", health=True)
     try:
         with serve_app(env.app) as env_url:
             pool = EnvPool([EnvEndpoint(url=env_url)])
             try:
-                assert await pool.probe() == [] and pool.slots[0].wait == "auto"
+                assert await pool.probe() == [] and pool.slots[0].wait == "undecided"
                 assert await pool.settle_wait(pool.slots[0], "ro-1") is None
                 assert pool.slots[0].wait == "logs"
             finally:
@@ -268,7 +268,7 @@ def test_eval_protocol_env_trains_with_openrft_trainer(tmp_path: Path, monkeypat
 
     from trainer.config import TrainConfig
     from trainer.models import build_tiny_model
-    from trainer.run import train
+    from trainer.commands.train import train
 
     monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)  # the handler would send it as a bearer token
     model_dir = build_tiny_model(tmp_path / "model")

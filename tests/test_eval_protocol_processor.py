@@ -18,7 +18,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else litellm fe
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -37,9 +36,10 @@ from tests.helpers import free_port, serve_app
 def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`openrft serve`'s app on a tiny model, at http://localhost:<port> (the processor builds
     per-rollout URLs only for a gateway whose URL starts with http://localhost)."""
-    from trainer.backend import TransformersBackend
+    from trainer.generation import TransformersBackend
     from trainer.models import build_tiny_model
-    from trainer.serve import create_app, load_policy
+    from trainer.commands.serve import create_app
+    from trainer.models import load_policy
 
     model, tokenizer = load_policy(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
     backend = TransformersBackend(model, tokenizer)

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.export import main
+from trainer.models.export import main
 from trainer.models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 14, 3, 7]])

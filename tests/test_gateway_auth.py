@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 
 from env_sdk.models import RolloutMetadata, StatusCode
 from tests.helpers import serve_app
-from trainer.backend import ScriptedBackend
+from trainer.generation import ScriptedBackend
 from trainer.gateway import Gateway
 from trainer.models import build_tiny_tokenizer
 

@@ -15,8 +15,9 @@ from openai import AsyncOpenAI, BadRequestError, InternalServerError
 
 from env_sdk.models import RolloutMetadata
 from tests.helpers import serve_app
-from trainer.backend import SamplingParams, ScriptedBackend, TransformersBackend
-from trainer.chat import hermes_tool_call_text
+from trainer.generation import ScriptedBackend, TransformersBackend
+from trainer.types import SamplingParams
+from trainer.gateway.chat import hermes_tool_call_text
 from trainer.gateway import Gateway
 from trainer.models import build_tiny_model, load_model
 

@@ -9,7 +9,7 @@ import time
 import httpx
 from fastapi import FastAPI
 
-from trainer.run import serve_gateway
+from trainer.gateway.server import serve_gateway
 
 
 async def test_shutdown_with_a_request_in_flight() -> None:

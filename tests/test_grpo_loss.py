@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trainer.config import GrpoConfig, LoraConfig, OptimConfig
-from trainer.grpo import group_advantages, policy_loss, sequence_weights
-from trainer.samples import Sample
+from trainer.learning.grpo import group_advantages, policy_loss, sequence_weights
+from trainer.learning.samples import Sample
 
 
 def test_group_advantages() -> None:
@@ -90,7 +90,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_learner(model_dir: Path, **grpo: object):
-    from trainer.learner import Learner
+    from trainer.learning.learner import Learner
 
     torch.manual_seed(0)
     return Learner(
@@ -220,7 +220,7 @@ def test_shared_prefix_is_exact(tiny_model: Path) -> None:
     """Same logprobs and the same gradient as whole sequences, however the runs are packed
     (one run per micro-batch, or every run left-padded into one), with gradient checkpointing or
     without (a checkpointed layer replays against the same prefix cache in the backward pass)."""
-    from trainer.learner import plan_prefix_runs
+    from trainer.learning.prefix import plan_prefix_runs
 
     grads = []
     for share, mbs, ckpt in ((False, 4, False), (True, 4, False), (True, 16, False), (False, 4, True), (True, 4, True)):

@@ -1,4 +1,4 @@
-"""`envs: [{module: MODULE:OBJECT, workers: N}]`: the trainer serves the env itself (trainer/local_envs.py).
+"""`envs: [{module: MODULE:OBJECT, workers: N}]`: the trainer serves the env itself (trainer/rollouts/local_envs.py).
 Real `openrft env serve` processes: started on free ports, used as ordinary env URLs, stopped when
 the run ends, raises or is interrupted; a module that cannot start is a quick, clear error."""
 
@@ -16,11 +16,11 @@ import httpx
 import pytest
 import yaml
 
-import trainer.local_envs as local_envs_module
+import trainer.rollouts.local_envs as local_envs_module
 from env_sdk import StatusCode
 from reference_envs.datasets import generate, write_jsonl
 from trainer.config import ConfigError, EnvEndpoint, load_config
-from trainer.local_envs import LocalEnvError, local_envs
+from trainer.rollouts.local_envs import LocalEnvError, local_envs
 
 MATH = "reference_envs.math.server:app"
 DONE = (StatusCode.OK, StatusCode.FINISHED)
@@ -168,7 +168,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_serves_two_workers_and_stops_them(tmp_path: Path, tiny_model: Path,
                                                  spawned: list[subprocess.Popen[bytes]]) -> None:
-    from trainer.run import main
+    from trainer.commands.train import main
 
     config = {
         "model": str(tiny_model), "dataset": str(math_dataset(tmp_path / "sums.jsonl", 4)),
@@ -192,7 +192,7 @@ def test_train_serves_two_workers_and_stops_them(tmp_path: Path, tiny_model: Pat
 
 def test_eval_serves_the_module(tmp_path: Path, spawned: list[subprocess.Popen[bytes]]) -> None:
     from tests.helpers import scripted_model_app, serve_app
-    from trainer.evaluate import main
+    from trainer.commands.evaluate import main
 
     config = {"dataset": str(math_dataset(tmp_path / "sums.jsonl", 2)), "envs": [{"module": MATH}],
               "eval": {"samples": 2, "out": str(tmp_path / "eval.json")}, "progress": False}
@@ -207,8 +207,8 @@ def test_eval_serves_the_module(tmp_path: Path, spawned: list[subprocess.Popen[b
 def test_servers_are_stopped_when_training_raises(error: BaseException, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   spawned: list[subprocess.Popen[bytes]]) -> None:
-    from trainer.learner import Learner
-    from trainer.run import train
+    from trainer.learning.learner import Learner
+    from trainer.commands.train import train
 
     urls: list[str] = []
 

@@ -1,4 +1,4 @@
-"""The run report on a synthetic run directory in the agreed layout (trainer/run.py writes the
+"""The run report on a synthetic run directory in the agreed layout (trainer/commands/train.py writes the
 same files; the demo's slow test checks a real one)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.report import ReportError, build_report, main, write_report
+from trainer.commands.report import ReportError, build_report, main, write_report
 
 
 def _rollout(i: int, reward: float | None, answer: str) -> dict:

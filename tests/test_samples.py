@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from trainer.samples import build_sequences, rollout_samples
+from trainer.learning.samples import build_sequences, rollout_samples
 
 
 @dataclass

@@ -19,18 +19,10 @@ from fastapi.responses import JSONResponse
 from env_sdk import AgentResult, EvaluationResult, RolloutTask, StatusCode, Task, create_env_app
 from tests.helpers import free_port, scripted_model_app, serve_app
 from trainer.config import EnvEndpoint, TrainConfig
-from trainer.rewards import EvaluatorLoadError, ScoreInvalid, load_evaluator, score_rollout
-from trainer.run import build_batch
-from trainer.scheduler import (
-    EnvPool,
-    EnvsUnreachable,
-    ExternalEndpoint,
-    GatewayEndpoint,
-    GroupResult,
-    RolloutResult,
-    RolloutScheduler,
-    failure_counts,
-)
+from trainer.rollouts.rewards import EvaluatorLoadError, ScoreInvalid, load_evaluator, score_rollout
+from trainer.learning.batch import build_batch
+from trainer.rollouts import EnvPool, EnvsUnreachable, ExternalEndpoint, GatewayEndpoint, RolloutScheduler
+from trainer.types import failure_counts, GroupResult, RolloutResult
 from env_sdk.models import Status
 
 SECRET = "ground-truth-never-leaves-the-trainer"
@@ -251,7 +243,7 @@ async def test_down_env_is_skipped_and_all_down_fails_fast(env: Any, model_url: 
 async def test_eval_protocol_env_finishes_by_logs_push() -> None:
     """An env with only POST /init (no /health, no /status) that reports completion the way
     eval-protocol servers do: a status log record POSTed to the gateway's /logs."""
-    from trainer.backend import ScriptedBackend
+    from trainer.generation import ScriptedBackend
     from trainer.gateway import Gateway
     from trainer.models import build_tiny_tokenizer
 
@@ -280,7 +272,7 @@ async def test_eval_protocol_env_finishes_by_logs_push() -> None:
 
     with serve_app(env) as env_url, serve_app(gateway.app) as gw_url:
         pool = EnvPool([EnvEndpoint(url=env_url)], poll_s=1.0)
-        assert await pool.probe() == [] and pool.slots[0].wait == "auto"  # no /health: undecided
+        assert await pool.probe() == [] and pool.slots[0].wait == "undecided"  # no /health
         sched = RolloutScheduler(pool, GatewayEndpoint(gateway, gw_url), completion_params={"model": "policy"},
                                  evaluator=evaluate, deadline_s=20, max_retries=0, max_in_flight=8, run_id="r")
         [group] = await sched.run_groups([(0, task("hi"))], group_size=3, step=1)

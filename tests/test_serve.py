@@ -17,10 +17,12 @@ from openai import AsyncOpenAI
 from peft import LoraConfig, get_peft_model
 
 from tests.helpers import free_port, serve_app
-from trainer.backend import SamplingParams, ScriptedBackend, TransformersBackend
-from trainer.chat import hermes_tool_call_text
+from trainer.generation import ScriptedBackend, TransformersBackend
+from trainer.types import SamplingParams
+from trainer.gateway.chat import hermes_tool_call_text
 from trainer.models import build_tiny_model, load_model
-from trainer.serve import create_app, load_policy, main
+from trainer.commands.serve import create_app, main
+from trainer.models import load_policy
 
 TOOLS = [
     {

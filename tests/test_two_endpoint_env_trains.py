@@ -62,7 +62,7 @@ class TwoEndpointEnv:
 def test_two_endpoint_server_trains_with_wait_auto(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from trainer.config import TrainConfig
     from trainer.models import build_tiny_model
-    from trainer.run import train
+    from trainer.commands.train import train
 
     model_dir = build_tiny_model(tmp_path / "model")
     dataset = tmp_path / "tasks.jsonl"

@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse
 
 from env_sdk import AgentResult, RolloutTask, create_env_app
 from tests.helpers import serve_app
-from trainer.backend import SamplingParams
-from trainer.vllm_backend import VLLMBackend, VLLMError, VLLMServer, server_lora_rank, start_servers, vllm_python
+from trainer.types import SamplingParams
+from trainer.generation.vllm_backend import VLLMBackend, VLLMError, VLLMServer, server_lora_rank, start_servers, vllm_python
 
 # --- fast tier: the HTTP contract -----------------------------------------------------------------
 
@@ -327,7 +327,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 @vllm_tier
 def test_train_with_vllm_kill_mid_step_then_resume(vllm_server: VLLMServer, vllm_model: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.run import main
+    from trainer.commands.train import main
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say something about {i}"}]}) + "\n"

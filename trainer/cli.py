@@ -12,13 +12,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("env_sdk.cli:env_main", "serve an env server: `env serve MODULE:OBJECT --port N`"),
     "dataset": ("reference_envs.datasets:main", "write a reference env's dataset (JSONL) from a seed"),
     "conformance": ("env_sdk.conformance:main", "check an env server against protocol v1"),
-    "model": ("trainer.models:main", "build a local model directory (`tiny`, `smollm2`)"),
-    "train": ("trainer.run:main", "train a LoRA adapter with GRPO against remote envs"),
-    "eval": ("trainer.evaluate:main", "mean reward and pass@k of a model on a dataset"),
-    "serve": ("trainer.serve:main", "serve a model (+ adapter) behind an OpenAI-compatible API"),
-    "export": ("trainer.export:main", "write an adapter, or a merged model with --merge"),
-    "report": ("trainer.report:main", "rebuild RUN_DIR/report.html"),
-    "demo": ("trainer.demo:main", "the main job end to end: SmolLM2 learns arithmetic on CPU"),
+    "model": ("trainer.commands.model:main", "build a local model directory (`tiny`, `smollm2`)"),
+    "train": ("trainer.commands.train:main", "train a LoRA adapter with GRPO against remote envs"),
+    "eval": ("trainer.commands.evaluate:main", "mean reward and pass@k of a model on a dataset"),
+    "serve": ("trainer.commands.serve:main", "serve a model (+ adapter) behind an OpenAI-compatible API"),
+    "export": ("trainer.models.export:main", "write an adapter, or a merged model with --merge"),
+    "report": ("trainer.commands.report:main", "rebuild RUN_DIR/report.html"),
+    "demo": ("trainer.commands.demo:main", "the main job end to end: SmolLM2 learns arithmetic on CPU"),
 }
 
 
@@ -29,13 +29,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-# the commands that hold a model: run under jemalloc when installed (trainer/allocator.py)
+# the commands that hold a model: run under jemalloc when installed (trainer/commands/allocator.py)
 HEAVY = {"train", "eval", "serve", "demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY:  # a process of its own, not a call
-        from trainer.allocator import reexec_under_jemalloc
+        from trainer.commands.allocator import reexec_under_jemalloc
 
         reexec_under_jemalloc()
     argv = sys.argv[1:] if argv is None else argv

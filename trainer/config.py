@@ -31,7 +31,7 @@ class EnvEndpoint(_Section):
     module: str | None = Field(
         default=None,
         description="MODULE:OBJECT to serve instead of a url, as `openrft env serve MODULE:OBJECT` would: the "
-        "trainer starts the processes on free loopback ports and stops them when it ends (trainer/local_envs.py)",
+        "trainer starts the processes on free loopback ports and stops them when it ends (trainer/rollouts/local_envs.py)",
     )
     workers: int = Field(default=1, ge=1, description="with module: processes, each its own URL in the pool")
     args: list[str] = Field(
@@ -49,7 +49,7 @@ class EnvEndpoint(_Section):
         default="auto",
         description="how terminal states are learned: poll = batched long-poll of /status; logs = only the "
         "gateway's /logs push (eval-protocol servers, which serve no /status); auto = poll when /health is "
-        "openrft's, else the first /status answer decides (a StatusResponse: poll; 404/405: logs)",
+        "openrft's, else the first /status answer of a rollout decides (a StatusResponse: poll; 404/405: logs)",
     )
 
     @model_validator(mode="after")
@@ -153,7 +153,7 @@ class GenerationConfig(_Section):
 
 
 class VLLMConfig(_Section):
-    """`backend: vllm`: generation on vLLM servers over HTTP (trainer/vllm_backend.py, docs/vllm.md)."""
+    """`backend: vllm`: generation on vLLM servers over HTTP (trainer/generation/vllm_backend.py, docs/vllm.md)."""
 
     urls: list[str] = Field(default_factory=list, description="running vLLM servers; empty = start num_servers here")
     num_servers: int = Field(default=1, ge=1, description="servers to start when urls is empty")

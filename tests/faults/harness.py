@@ -21,11 +21,11 @@ from typing import Any
 
 import httpx
 
-import trainer.run as run_module
+import trainer.commands.train as run_module
 from env_sdk.models import SUCCESS_CODES
 from tests.helpers import free_port
 from trainer.config import TrainConfig
-from trainer.scheduler import status_kind
+from trainer.types import status_kind
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ class Run:
 
 
 class _Capture:
-    """Records each step's groups and trained batch by wrapping trainer.run.build_batch."""
+    """Records each step's groups and trained batch by wrapping trainer.commands.train.build_batch."""
 
     def __init__(self, run: Run) -> None:
         self.run, self.real = run, run_module.build_batch
@@ -187,7 +187,7 @@ _train_lock = threading.Lock()  # build_batch is patched module-wide: one run at
 
 
 def start_run(config: dict[str, Any], *, resume: bool = False) -> tuple[threading.Thread, Run]:
-    """Start `trainer.run.train` in a thread (its own asyncio loop); the test acts meanwhile."""
+    """Start `trainer.commands.train.train` in a thread (its own asyncio loop); the test acts meanwhile."""
     cfg = TrainConfig.model_validate(config)
     run = Run(cfg, Path(cfg.run_dir), 0.0)
 

@@ -17,7 +17,7 @@ def test_traffic_goes_to_the_live_envs(tmp_path: Path, tiny_model: Path, envs: A
                                        caplog: pytest.LogCaptureFixture) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     a, b = envs(), envs()
-    with caplog.at_level(logging.WARNING, logger="trainer.run"):
+    with caplog.at_level(logging.WARNING, logger="trainer.commands.train"):
         run = train_run(short_config(tmp_path, tiny_model, [dead, a.url, b.url], steps=2))
     assert run.error is None, run.error
     check_accounting(run)

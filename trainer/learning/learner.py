@@ -12,17 +12,16 @@ target - logsumexp(logits): the full log-softmax tensor is never materialised.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from transformers import DynamicCache
 
 from trainer.config import GrpoConfig, LoraConfig, OptimConfig, TrainConfig
-from trainer.grpo import policy_loss, sequence_weights
-from trainer.samples import Sample
+from trainer.learning.grpo import policy_loss, sequence_weights
+from trainer.learning.prefix import MicroBatch, PrefixCache, PrefixWriter, plan_prefix_runs
+from trainer.types import Sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -47,92 +46,6 @@ def resolve_attn_implementation(choice: str, device: str, dtype: torch.dtype) ->
     if choice == "auto":
         return "eager" if device == "cpu" and dtype == torch.bfloat16 else None
     return choice
-
-
-@dataclass
-class _Batch:
-    """One micro-batch. Without a shared prefix, `input_ids` are whole sequences (start = 0).
-    With one, each row is the suffix of its sequence after its run's shared prefix; the prefixes
-    (one row per run, left padded) are run once and their KV cache is fanned out to the rows."""
-
-    input_ids: torch.Tensor  # [B, S] right padded
-    attention_mask: torch.Tensor  # [B, S]
-    cut: int  # logits are needed from suffix position `cut` on (it predicts position cut + 1)
-    targets: torch.Tensor  # [B, S - cut - 1]  the tokens at suffix positions cut+1 .. S-1
-    mask: torch.Tensor  # [B, S - cut - 1]
-    old_logprobs: torch.Tensor  # [B, S - cut - 1]
-    advantages: torch.Tensor  # [B]
-    weights: torch.Tensor  # [B]
-    prefix_ids: torch.Tensor | None = None  # [R, L] left padded shared prefixes
-    prefix_mask: torch.Tensor | None = None  # [R, L]
-    row_run: torch.Tensor | None = None  # [B] which prefix each row continues
-    start: torch.Tensor | None = None  # [B] absolute position of each row's first suffix token
-
-
-def _first_loss_position(sample: Sample) -> int:
-    """Index of the first sampled token (>= 1: position 0 has nothing before it)."""
-    for i in range(1, len(sample.loss_mask)):
-        if sample.loss_mask[i]:
-            return i
-    return len(sample.loss_mask)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def plan_prefix_runs(samples: list[Sample]) -> list[tuple[list[int], int]]:
-    """Group samples into runs sharing a token prefix that holds no sampled token: the rollouts of
-    a GRPO group share their prompt. Returns (sample indices, shared length L) per run; L is at
-    most each member's first sampled position - 1, so every logit the loss needs is computed in
-    the per-row suffix pass. A sample joins the current run only if it shares the run's whole
-    prefix (so one odd sample never shrinks a group's sharing)."""
-    order = sorted(range(len(samples)), key=lambda i: samples[i].input_ids)
-    runs: list[tuple[list[int], int]] = []
-    for i in order:
-        s = samples[i]
-        cap = _first_loss_position(s) - 1
-        if runs:
-            members, shared = runs[-1]
-            head = samples[members[0]].input_ids
-            together = min(_common_prefix(head, s.input_ids), cap)
-            if len(members) == 1:
-                together = min(together, _first_loss_position(samples[members[0]]) - 1)
-                if together >= 1:
-                    runs[-1] = (members + [i], together)
-                    continue
-            elif together >= shared:
-                members.append(i)
-                continue
-        runs.append(([i], cap))
-    return runs
-
-
-class _PrefixWriter(DynamicCache):
-    """The prefix pass's cache. A layer replayed by gradient checkpointing in the backward pass
-    writes its keys again: they are the ones already held (the prefix has no past), so it answers
-    them without appending."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
-            return key_states, value_states
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-class _PrefixCache(DynamicCache):
-    """The shared prefixes' keys and values, one row per suffix row. The suffix pass reads them but
-    never extends them, so a layer replayed by gradient checkpointing in the backward pass sees the
-    same cache as in the forward pass."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 class Learner:
@@ -173,7 +86,7 @@ class Learner:
         self.model = get_peft_model(base, peft_config)
         if grpo.gradient_checkpointing:  # only in train mode: generation (eval mode) is unaffected
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for layer in self.model.modules():  # the prefix caches replay exactly (_PrefixWriter, _PrefixCache)
+            for layer in self.model.modules():  # the prefix caches replay exactly (PrefixWriter, PrefixCache)
                 if getattr(layer, "gradient_checkpointing", False):
                     layer._can_checkpoint_with_cache = True
         self._body, self._head = base.get_decoder(), base.get_output_embeddings()
@@ -200,7 +113,7 @@ class Learner:
     # --- batching -------------------------------------------------------------------------
 
     def _collate(self, samples: list[Sample], weights: list[float], shared: list[int] | None = None,
-                 runs: list[int] | None = None) -> _Batch:
+                 runs: list[int] | None = None) -> MicroBatch:
         """Pad a micro-batch. `shared[r]` is run r's shared prefix length and `runs[i]` the run of
         sample i (None: no sharing, whole sequences)."""
         starts = [shared[runs[i]] for i in range(len(samples))] if shared is not None and runs is not None else [0] * len(samples)
@@ -221,7 +134,7 @@ class Learner:
         nonzero = mask.any(dim=0).nonzero()
         cut = int(nonzero[0]) - 1 if len(nonzero) else S - 2
         dev = self.device
-        batch = _Batch(
+        batch = MicroBatch(
             input_ids=ids.to(dev), attention_mask=attn.to(dev), cut=cut,
             targets=ids[:, cut + 1 :].to(dev), mask=mask[:, cut + 1 :].to(dev), old_logprobs=old[:, cut + 1 :].to(dev),
             advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=dev),
@@ -240,7 +153,7 @@ class Learner:
             batch.start = torch.tensor(starts, device=dev)
         return batch
 
-    def _logprobs(self, batch: _Batch) -> torch.Tensor:
+    def _logprobs(self, batch: MicroBatch) -> torch.Tensor:
         """[B, S - cut - 1]: logprob of each target token (temperature 1, raw logits)."""
         S = batch.input_ids.shape[1]
         keep = S - batch.cut  # suffix positions cut .. S-1; the last one predicts past the end
@@ -249,11 +162,11 @@ class Learner:
         else:
             assert batch.prefix_mask is not None and batch.row_run is not None and batch.start is not None
             positions = (batch.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            written = _PrefixWriter()
+            written = PrefixWriter()
             self.model(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions,
                        past_key_values=written, use_cache=True, logits_to_keep=1)
             # each row continues its run's prefix
-            cache = _PrefixCache([(layer.keys[batch.row_run], layer.values[batch.row_run]) for layer in written.layers])
+            cache = PrefixCache([(layer.keys[batch.row_run], layer.values[batch.row_run]) for layer in written.layers])
             mask = torch.cat([batch.prefix_mask[batch.row_run], batch.attention_mask], dim=1)
             positions = batch.start[:, None] + torch.arange(S, device=batch.start.device)[None, :]
             inputs = {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": positions,
@@ -293,7 +206,7 @@ class Learner:
         split = self._head(self._body(input_ids=ids, use_cache=False).last_hidden_state).float()
         return whole.shape == split.shape and bool(torch.allclose(whole, split, rtol=1e-3, atol=1e-3))
 
-    def _micro_batches(self, samples: list[Sample], weights: list[float]) -> list[_Batch]:
+    def _micro_batches(self, samples: list[Sample], weights: list[float]) -> list[MicroBatch]:
         size = self.grpo.micro_batch_size
         if not self.grpo.share_prefix:
             order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
@@ -303,7 +216,7 @@ class Learner:
         pieces: list[tuple[list[int], int]] = []
         for members, shared in plan_prefix_runs(samples):
             pieces += [(members[i : i + size], shared) for i in range(0, len(members), size)]
-        batches: list[_Batch] = []
+        batches: list[MicroBatch] = []
         current: list[tuple[list[int], int]] = []
         for piece in pieces + [([], 0)]:
             if piece[0] and sum(len(m) for m, _ in current) + len(piece[0]) <= size:
@@ -337,7 +250,7 @@ class Learner:
 
     # --- the update -----------------------------------------------------------------------
 
-    def _backward(self, batches: list[_Batch], ref: list[torch.Tensor | None]) -> tuple[float, dict[str, float]]:
+    def _backward(self, batches: list[MicroBatch], ref: list[torch.Tensor | None]) -> tuple[float, dict[str, float]]:
         """Accumulate the step loss's gradient over the micro-batches; return (loss, stat sums)."""
         g = self.grpo
         total_loss, totals = 0.0, {}

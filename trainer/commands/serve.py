@@ -4,8 +4,11 @@ with a trained LoRA adapter applied.
 
 It is the gateway's completion path without the rollouts: the same chat rendering, the same
 batched TransformersBackend, the same tool-call parsing, so the served policy sees prompts
-exactly as it did in training. The adapter (a standard PEFT directory) is loaded with
-`PeftModel.from_pretrained` and merged into the base weights for faster inference.
+exactly as it did in training. The adapter (a standard PEFT directory) is merged into the base
+weights for faster inference (`trainer.models.load_policy`). With `stream: true` each token's text
+is sent as it is sampled. It also serves eval-protocol's tracing-gateway contract
+(`add_rollout_routes`), so that their RemoteRolloutProcessor can run rows against an env server
+with this model (SPEC §9).
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from trainer.backend import GenerationBackend
-from trainer.completions import APIError, ChatCompleter, completion_response, install_error_handlers, read_json
+from trainer.types import GenerationBackend
+from trainer.gateway.completions import ChatCompleter
+from trainer.gateway.http import APIError, install_error_handlers, read_json
+from trainer.gateway.streaming import completion_response
+from trainer.gateway import ROLLOUT_IDS, ROLLOUT_PATH
+from trainer.gateway.tracing import Authorize, TraceStore, add_tracing_routes, read_log_record
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 
 def create_app(
     backend: GenerationBackend,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     model_name: str = "policy",
     default_max_tokens: int = 512,
@@ -50,8 +57,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        completion = await completer.complete(await read_json(request))
-        return completion_response(completion)
+        return await completer.respond(await read_json(request))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -62,25 +68,38 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    add_rollout_routes(app, completer, authorize)
     return app
 
 
-def load_policy(
-    model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str = "cpu"
-) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
-    """The base model with the adapter (if any) applied and merged, and its tokenizer."""
-    from trainer.models import load_model
+def add_rollout_routes(app: FastAPI, completer: ChatCompleter, authorize: Authorize) -> None:
+    """eval-protocol's tracing-gateway contract (see trainer/gateway/tracing.py), so that its
+    RemoteRolloutProcessor can run rows against an env server with this model: chat completions
+    under the per-rollout path it builds (`{model_base_url}/rollout_id/<id>/.../row_id/<id>`, with or
+    without `/v1` before it), the env servers' status pushes (`POST /logs`), and the read-out."""
+    store = TraceStore()
 
-    model, tokenizer = load_model(model_dir, device=device)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    async def rollout_chat(request: Request) -> Response:
+        authorize(request)
+        completion = await completer.complete(await read_json(request))
+        ids = {name: request.path_params[name] for name in ROLLOUT_IDS}
+        for choice in completion.choices:
+            store.add_trace(ids, completion.messages, completion.tools, choice.message)
+        return completion_response(completion)
 
-        adapter = Path(adapter_dir)
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.eval()
-    return model, tokenizer
+    for prefix in ("", "/v1"):
+        app.post(prefix + ROLLOUT_PATH.removeprefix("/v1") + "/chat/completions")(rollout_chat)
+
+    @app.post("/logs")
+    @app.post("/v1/logs")
+    async def push_log(request: Request) -> dict[str, Any]:
+        """A status log record from an env server (eval-protocol's FireworksTracingHttpHandler shape)."""
+        authorize(request)
+        record = await read_log_record(request)
+        store.add_log(record)
+        return {"status": "ok", "rollouts": record.rollout_ids()}
+
+    add_tracing_routes(app, store, authorize)
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +119,9 @@ def main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
-    from trainer.backend import TransformersBackend
+    from trainer.config import GenerationConfig, VLLMConfig
+    from trainer.generation import create_backend
+    from trainer.models import load_policy
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
@@ -109,7 +130,9 @@ def main(argv: list[str]) -> int:
         print(f"openrft serve: {exc}", file=sys.stderr)
         return 2
     name = args.served_model_name or (args.adapter.resolve().parent.name if args.adapter else args.model.resolve().name)
-    backend = TransformersBackend(model, tokenizer, max_batch_size=args.max_batch_size)
+    backend = create_backend("transformers", args.model, model, tokenizer,
+                           generation=GenerationConfig(max_batch_size=args.max_batch_size), vllm=VLLMConfig(),
+                           lora_rank=0, dtype=str(model.dtype).removeprefix("torch."), seed=0, log_dir=Path("."))
     app = create_app(backend, tokenizer, model_name=name, default_max_tokens=args.max_tokens, tool_parser=args.tool_parser, api_key=args.api_key)
     print(f"openrft serve: {name} on {device} at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

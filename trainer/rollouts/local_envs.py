@@ -30,7 +30,7 @@ import httpx
 
 from trainer.config import EnvEndpoint
 
-logger = logging.getLogger("trainer.local_envs")
+logger = logging.getLogger("trainer.rollouts.local_envs")
 
 HOST = "127.0.0.1"
 STOP_GRACE_S = 5.0

@@ -15,27 +15,15 @@ new sequence. Either way every sequence of a rollout carries the rollout's advan
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
+
+from trainer.types import Sample, extends
 
 
 class CallLike(Protocol):
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    loss_mask: list[int]
-    old_logprobs: list[float]
-    advantage: float = 0.0
-    rollout_id: str = ""
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(self.loss_mask)
 
 
 def _check(call: CallLike) -> None:
@@ -54,7 +42,7 @@ def build_sequences(calls: Sequence[CallLike]) -> list[Sample]:
         if not call.completion_ids:
             continue  # nothing sampled, nothing to learn from
         prompt = call.prompt_ids
-        if current is not None and len(prompt) >= len(current.input_ids) and prompt[: len(current.input_ids)] == current.input_ids:
+        if current is not None and extends(prompt, current.input_ids):
             new_prompt = prompt[len(current.input_ids):]
         else:
             current = Sample(input_ids=[], loss_mask=[], old_logprobs=[])

@@ -9,6 +9,8 @@ is not returned) and `finish_reason` is "stop". The completion tokens kept for t
 the shortest prefix of the sampled tokens whose text reaches the end of that stop string:
 the tokens that produced it were sampled and are kept, anything sampled after it is dropped
 (the env never saw it, so training never sees it either).
+
+Streaming (`ChatCompleter.respond` with `stream: true`) is streaming.py's.
 """
 
 from __future__ import annotations
@@ -18,67 +20,20 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from env_sdk.models import Message, Tool
-from trainer.backend import Generation, GenerationBackend, SamplingParams
-from trainer.chat import ChatFormatError, parse_output, render_prompt
+from trainer.types import Generation, GenerationBackend, SamplingParams, StreamingBackend, TokenSink
+from trainer.gateway.chat import ChatFormatError, parse_output, render_prompt
+from trainer.gateway.http import APIError, validation_api_error
+from trainer.gateway.streaming import LiveStream, completion_response, usage
 
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status_code: int, message: str, *, param: str | None = None, type_: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.status_code, self.message, self.param, self.type, self.code = status_code, message, param, type_, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status_code)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-style bodies for our errors, FastAPI's own request validation, and anything else (500)."""
-
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, APIError)
-        return exc.response()
-
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        return validation_api_error(exc.errors()).response()
-
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        # e.g. the backend failed (out of memory): still an OpenAI-shaped body, which clients retry
-        return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error").response()
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)
-
-
-def validation_api_error(errors: Any) -> APIError:
-    first = list(errors)[0]
-    path = ""
-    for part in first.get("loc", ()):
-        if part != "body":
-            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    param = path or None
-    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
-
-
-async def read_json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class ChatCompletionRequest(BaseModel):
@@ -112,6 +67,19 @@ class ChoiceResult:
     finish_reason: str
 
 
+@dataclass(slots=True)
+class _Call:
+    """A validated request with its prompt rendered: what generating its choices needs."""
+
+    request: ChatCompletionRequest
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    prompt_ids: list[int]
+    stops: list[str]
+    stop_ids: tuple[int, ...]
+    parse_tools: bool
+
+
 @dataclass
 class Completion:
     request: ChatCompletionRequest
@@ -125,10 +93,11 @@ class Completion:
 class ChatCompleter:
     """Turns a chat-completions request body into a Completion with the backend."""
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Any, *, model_name: str = "policy", default_max_tokens: int = 256, tool_parser: str = "hermes") -> None:
+    def __init__(self, backend: GenerationBackend, tokenizer: PreTrainedTokenizerBase, *, model_name: str = "policy", default_max_tokens: int = 256, tool_parser: str = "hermes") -> None:
         parse_output("", tool_parser)  # fail now on an unknown parser name
         self.backend, self.tokenizer = backend, tokenizer
         self.model_name, self.default_max_tokens, self.tool_parser = model_name, default_max_tokens, tool_parser
+        self.streaming = backend if isinstance(backend, StreamingBackend) else None
         # A GRPO group's rollouts send the same messages: render (template + tokenize, ~40 us) once.
         self._render = functools.lru_cache(maxsize=4096)(self._render_uncached)
 
@@ -165,7 +134,7 @@ class ChatCompleter:
             raise APIError(400, "stop: stop strings must not be empty", param="stop")
         return stops
 
-    async def complete(self, body: Any) -> Completion:
+    def _prepare(self, body: Any) -> _Call:
         request = self.parse_request(body)
         messages: list[dict[str, Any]] = body["messages"]  # validated above; recorded as sent
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
@@ -176,15 +145,40 @@ class ChatCompleter:
         stops = self._stop_strings(request)
         single = [self.tokenizer.encode(s, add_special_tokens=False) for s in stops]
         stop_ids = tuple(sorted({ids[0] for ids in single if len(ids) == 1}))
+        parse = request.tool_choice != "none" and bool(tools)
+        return _Call(request, messages, tools, prompt_ids, stops, stop_ids, parse)
+
+    async def complete(self, body: Any) -> Completion:
+        return await self._complete(self._prepare(body))
+
+    async def respond(self, body: Any) -> Response:
+        """The HTTP answer to a request body: `completion_response(complete(body))`, except that
+        with `stream: true` chunks are sent as the tokens are sampled."""
+        call = self._prepare(body)
+        if call.request.stream:
+            return await LiveStream(self, call).start()
+        return completion_response(await self._complete(call))
+
+    async def _complete(self, call: _Call) -> Completion:
         try:
             generations = await asyncio.gather(
-                *(self.backend.generate(prompt_ids, self._sampling(request, stop_ids, i)) for i in range(request.n))
+                *(self.backend.generate(call.prompt_ids, self._sampling(call.request, call.stop_ids, i)) for i in range(call.request.n))
             )
-        except ValueError as exc:  # e.g. a prompt longer than the model's context
-            raise APIError(400, f"messages: {exc}", param="messages") from None
-        parse = request.tool_choice != "none" and bool(tools)
-        choices = [self._choice(g, stops, parse) for g in generations]
-        return Completion(request, messages, tools, prompt_ids, choices, self._response(prompt_ids, choices, bool(request.logprobs)))
+        except ValueError as exc:
+            raise _prompt_error(exc) from None
+        choices = [self._choice(g, call.stops, call.parse_tools) for g in generations]
+        response = self._response(call.prompt_ids, choices, bool(call.request.logprobs))
+        return Completion(call.request, call.messages, call.tools, call.prompt_ids, choices, response)
+
+    async def _generate_streamed(self, call: _Call, index: int, on_token: TokenSink) -> Generation:
+        """Choice `index`, its tokens handed to `on_token` as they are sampled if the backend can."""
+        try:
+            params = self._sampling(call.request, call.stop_ids, index)
+            if self.streaming is None:
+                return await self.backend.generate(call.prompt_ids, params)
+            return await self.streaming.generate_streamed(call.prompt_ids, params, on_token)
+        except ValueError as exc:
+            raise _prompt_error(exc) from None
 
     def _choice(self, gen: Generation, stops: list[str], parse_tools: bool) -> ChoiceResult:
         ids, logprobs, finish = list(gen.token_ids), list(gen.logprobs), gen.finish_reason
@@ -209,52 +203,26 @@ class ChatCompleter:
             content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []})
         return {"content": content, "refusal": None}
 
+    def _choice_body(self, index: int, choice: ChoiceResult, logprobs: bool) -> dict[str, Any]:
+        logs = self._logprobs(choice) if logprobs else None
+        return {"index": index, "message": choice.message, "finish_reason": choice.finish_reason, "logprobs": logs}
+
     def _response(self, prompt_ids: list[int], choices: list[ChoiceResult], logprobs: bool = False) -> dict[str, Any]:
-        completion_tokens = sum(len(c.completion_ids) for c in choices)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": [
-                {"index": i, "message": c.message, "finish_reason": c.finish_reason, "logprobs": self._logprobs(c) if logprobs else None}
-                for i, c in enumerate(choices)
-            ],
-            "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt_ids) + completion_tokens,
-            },
+            "choices": [self._choice_body(i, c, logprobs) for i, c in enumerate(choices)],
+            "usage": usage(prompt_ids, choices),
         }
 
     def models_response(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "openrft"}]}
 
 
-def completion_response(completion: Completion) -> Response:
-    """The HTTP answer: the JSON body, or with `stream: true` the same completion as OpenAI's
-    server-sent chunks (generated whole first, then sent: a client that streams works, it just
-    sees the text arrive at once)."""
-    if not completion.request.stream:
-        return JSONResponse(completion.response)  # already JSON-ready: skip FastAPI's encoder
-    options = completion.request.stream_options or {}
-    return StreamingResponse(_sse(completion.response, bool(options.get("include_usage"))), media_type="text/event-stream")
+def _prompt_error(exc: ValueError) -> APIError:
+    """A backend's ValueError: a prompt it cannot take (e.g. longer than the model's context)."""
+    return APIError(400, f"messages: {exc}", param="messages")
 
 
-def _sse(response: dict[str, Any], include_usage: bool) -> Iterator[str]:
-    head = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"], "model": response["model"]}
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
-
-    for choice in response["choices"]:
-        index, message = choice["index"], choice["message"]
-        delta = {"role": "assistant", "content": message["content"] or ""}
-        yield chunk([{"index": index, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}])
-        calls = [{"index": k, **call} for k, call in enumerate(message.get("tool_calls") or [])]
-        if calls:
-            yield chunk([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
-        yield chunk([{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}])
-    if include_usage:
-        yield chunk([], usage=response["usage"])
-    yield "data: [DONE]\n\n"

@@ -21,7 +21,9 @@ from typing import Any
 
 from env_sdk.models import EvaluationResult
 
-Evaluator = Callable[[list[dict[str, Any]], Any, dict[str, Any]], Any]
+#: A trainer-side evaluator: (messages, ground_truth, info) -> EvaluationResult | float, sync or async.
+#: (An env-side one, `env_sdk.Evaluator`, gets the task and messages: the env never sees ground_truth.)
+TrainerEvaluator = Callable[[list[dict[str, Any]], Any, dict[str, Any]], Any]
 
 
 class ScoreInvalid(Exception):
@@ -39,7 +41,7 @@ class Score:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def load_evaluator(spec: str) -> Evaluator:
+def load_evaluator(spec: str) -> TrainerEvaluator:
     """Import `module:function` from the working directory or the installed packages. The working
     directory is put on the import path (as uvicorn does): a console script like `openrft` does not
     have it there, and a user's evaluator usually lives next to their config."""
@@ -77,7 +79,7 @@ def _check(value: Any, source: str) -> Score:
 
 
 async def score_rollout(
-    evaluator: Evaluator | None,
+    evaluator: TrainerEvaluator | None,
     messages: list[dict[str, Any]],
     ground_truth: Any,
     info: dict[str, Any],

@@ -7,78 +7,23 @@ calls as `<tool_call>{json}</tool_call>`, tool results as `<tool_response>` insi
 turn). It is for tests and quick runs: it builds in about a second and is fully
 determined by its seed.
 
-`openrft model tiny --out DIR` and `openrft model smollm2 --out DIR` are the CLI front.
+`openrft model tiny --out DIR` is the CLI front (trainer/commands/model.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trainer.models.templates import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, MARKUP_TOKENS
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-# Tool markup gets one token each (not special: it must survive decode(skip_special_tokens=True)).
-MARKUP_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-DEFAULT_SYSTEM = "You are a helpful assistant."
-
-# Shared by every tools-aware ChatML template here (trainer/smollm2.py too): the tools listing of
-# the system turn, and the assistant / tool turns.
-TOOLS_LISTING = (
-    "{{- '\\n\\n# Tools\\n\\nFunction signatures are listed inside <tools></tools>:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nTo call a function, reply with a JSON object holding its name and arguments"
-    " inside <tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
-    "\\n</tool_call>' }}"
-)
-ASSISTANT_AND_TOOL_TURNS = (
-    "{%- elif message.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant' }}"
-    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
-    "{%- for tool_call in message.tool_calls or [] %}"
-    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
-    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
-    "{{- '}\\n</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
-    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-)
-
-# ChatML with tools. Assistant tool calls render exactly as the Hermes parser in
-# trainer/chat.py expects the model to write them, so a sampled tool call re-renders to the
-# same text in the next turn (the gateway's prefix check depends on that).
-CHAT_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- else %}{{- '" + DEFAULT_SYSTEM + "' }}{%- endif %}"
-    + TOOLS_LISTING
-    + "{{- '<|im_end|>\\n' }}"
-    "{%- elif messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'system' %}"
-    "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- elif message.role == 'user' %}"
-    "{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
-    + ASSISTANT_AND_TOOL_TURNS
-    + "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
@@ -189,45 +134,3 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def load_model(
-    model_dir: str | Path, *, device: str = "cpu", dtype: "torch.dtype | None" = None
-) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
-    """Load a local transformers causal-LM directory and its tokenizer onto `device`.
-
-    `dtype` defaults to float32 on CPU and bfloat16 on CUDA (when supported)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json); build one with `openrft model tiny --out {path}`")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def main(argv: list[str]) -> int:
-    """`openrft model tiny --out DIR [--seed N]` | `openrft model smollm2 --out DIR`."""
-    parser = argparse.ArgumentParser(prog="openrft model", description="build a local model directory")
-    parser.add_argument("kind", choices=["tiny", "smollm2"], help="which model to build")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write the model to")
-    parser.add_argument("--seed", type=int, default=0, help="seed (tiny only)")
-    args = parser.parse_args(argv)
-    if args.kind == "tiny":
-        path = build_tiny_model(args.out, seed=args.seed)
-    else:
-        from trainer.smollm2 import convert_smollm2
-
-        path = convert_smollm2(args.out)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

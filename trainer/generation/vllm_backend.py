@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from trainer.backend import Generation, SamplingParams
+from trainer.types import Generation, SamplingParams
 
 logger = logging.getLogger("trainer.vllm")
 
@@ -226,6 +226,8 @@ class VLLMBackend:
     #: the training loop saves the adapter after every optimizer step and passes its directory
     #: to `weights_updated` (the servers cannot see the learner's live model object).
     needs_adapter_dir = True
+    lock = None  # the servers hold their own weights: the learner needs no lock against them
+    stats = None
 
     def __init__(
         self,

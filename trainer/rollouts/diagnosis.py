@@ -2,7 +2,7 @@
 
 A run whose rollouts all failed, or whose groups all tied, hands back an adapter trained on no
 sample; these messages say so, count the failures by kind, name the envs and the first failure,
-and say what to check next (`openrft train` stops with exit 1 on them: see trainer/run.py).
+and say what to check next (`openrft train` stops with exit 1 on them: see trainer/commands/train.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainer.scheduler import GroupResult, RolloutResult
+from trainer.types import GroupResult, RolloutResult
 
 #: What to check first for each failure kind.
 NEXT_STEP = {

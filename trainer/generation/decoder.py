@@ -1,95 +1,28 @@
-"""Generation backends: what the gateway calls to turn prompt token ids into completion tokens.
-
-`TransformersBackend` serves the live model object the learner trains (a `PeftModel` or a
-plain transformers model, no copy of the weights). Concurrent `generate` calls start one
-batch once no new call has arrived for `collect_window_s` (at most `max_collect_s` after
-the first): left padding, a KV cache, and our own
-decode loop (model forward + `past_key_values`), which gives the raw logits of every step
-and lets each row stop on its own. The batching is continuous: a row's caller gets its
-result the step it finishes, and requests arriving while a batch decodes join it at the
-next step (up to `max_batch_size` rows), so multi-turn rollouts whose calls arrive at
-different times still share forward passes. The torch work runs on one worker thread, so
-the asyncio loop serving HTTP is never blocked.
-
-Recorded logprobs: the logprob of each sampled token is `log_softmax(logits)` of the raw
-logits, at temperature 1, with no top-p renormalisation, whatever the sampling temperature
-and top_p were. The learner computes the same quantity, so the GRPO importance ratio is
-exactly 1 before the first update (up to batching numerics).
-"""
+"""The decode loop of `TransformersBackend`: one batch of requests, left padded, a KV cache, one
+model forward per step over the rows still running; rows join at any step and leave the step they
+finish (continuous batching); sampling with per-request seeds and temperature-1 logprobs."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
+
+from trainer.types import Generation, SamplingParams, TokenSink
 
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one completion. temperature 0 means greedy."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    from trainer.generation.transformers_backend import TransformersBackend
 
 
 @dataclass
-class Generation:
-    """A completion: sampled token ids (including the stop token when one ended it), the
-    temperature-1 logprob of each, and why it ended: "stop" (eos / stop token) or "length"."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-
-
-@runtime_checkable
-class GenerationBackend(Protocol):
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation: ...
-
-    async def weights_updated(self, adapter_dir: Path | None) -> None:
-        """Called after each optimizer step; `adapter_dir` holds the new adapter when one was saved."""
-        ...
-
-
-@dataclass
-class BackendStats:
-    """Counters a test or benchmark can read: batches run, model forward calls, rows, tokens."""
-
-    batches: int = 0
-    forward_calls: int = 0
-    rows: int = 0
-    joined: int = 0  # rows that joined a batch already decoding
-    prefilled_rows: int = 0  # prompts prefilled (identical prompts admitted together count once)
-    generated_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Request:
+class Request:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Generation]
+    on_token: TokenSink | None = None
 
 
 def _resolve(future: asyncio.Future[Generation], result: Generation | BaseException) -> None:
@@ -101,138 +34,13 @@ def _resolve(future: asyncio.Future[Generation], result: Generation | BaseExcept
         future.set_result(result)
 
 
-class TransformersBackend:
-    """Batched generation with a live transformers/peft model on its own device (CPU or CUDA).
-
-    `lock` is held while a batch runs (the model is in eval mode then, its training mode is
-    restored before the lock is released); a learner sharing the model object holds it while
-    it changes weights, so that no batch sees half an update. A steady stream of requests
-    keeps a batch (and the lock) busy: synchronous training, where rollouts end before the
-    update, never waits on it for long."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        *,
-        max_batch_size: int = 64,
-        collect_window_s: float = 0.01,
-        max_collect_s: float = 0.2,
-        seed: int | None = None,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.collect_window_s = collect_window_s
-        self.max_collect_s = max_collect_s
-        self.stats = BackendStats()
-        self.lock = threading.Lock()
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
-        self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
-        config = model.config
-        self.vocab_size = int(config.vocab_size)
-        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 30))
-        self._seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
-        self._rng: torch.Generator | None = None
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._start_lock = threading.Lock()
-
-    # --- public API -------------------------------------------------------------------------
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty")
-        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_ids contains ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
-        if len(prompt_ids) >= self.max_positions:
-            raise ValueError(f"prompt is {len(prompt_ids)} tokens; the model takes at most {self.max_positions - 1}")
-        self._ensure_worker()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Generation] = loop.create_future()
-        self._queue.put(_Request(list(prompt_ids), params, loop, future))
-        return await future
-
-    async def weights_updated(self, adapter_dir: Path | None) -> None:
-        """Nothing to do: the backend generates with the very object the learner updates."""
-
-    def close(self) -> None:
-        """Stop the worker thread (after the batch in progress); requests still queued fail."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=60)
-            self._thread = None
-        while True:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if request is not None:
-                _Decoder._send(request, RuntimeError("the generation backend was closed"))
-
-    # --- worker thread ----------------------------------------------------------------------
-
-    def _ensure_worker(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
-                self._thread = threading.Thread(target=self._worker, name="openrft-generate", daemon=True)
-                self._thread.start()
-
-    def _take(self, limit: int, gap: float | None) -> list[_Request]:
-        """Up to `limit` queued requests. gap=None: only those already queued. Otherwise keep
-        taking while the next one arrives within `gap` s of the previous, for at most
-        `max_collect_s` in all: a burst of requests (an HTTP server delivers them one by one)
-        starts as one batch, and a lone request waits only `gap`."""
-        taken: list[_Request] = []
-        end = time.monotonic() + self.max_collect_s
-        while len(taken) < limit and not self._stopping:
-            wait = 0.0 if gap is None else min(gap, end - time.monotonic())
-            try:
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._stopping = True
-            elif not item.future.done():  # not cancelled while queued
-                taken.append(item)
-        return taken
-
-    def _worker(self) -> None:
-        while not self._stopping:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first, *self._take(self.max_batch_size - 1, self.collect_window_s)]
-            batch = [r for r in batch if not r.future.done()]
-            if batch:
-                self._run_batch(batch)
-
-    def _run_batch(self, batch: list[_Request]) -> None:
-        import torch
-
-        with self.lock, torch.inference_mode():
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                _Decoder(self, batch).run()
-            finally:
-                if was_training:
-                    self.model.train()
-
-
 #: Sampling uniforms drawn per row at a time.
 _DRAWS = 64
 
 
 @dataclass
 class _Row:
-    request: _Request
+    request: Request
     prompt: tuple[int, ...]
     generator: torch.Generator | None  # per-request seed: draws independent of batch mates
     stops: frozenset[int]
@@ -243,14 +51,14 @@ class _Row:
     draws: list[float] = field(default_factory=list)  # this row's coming sampling uniforms
 
 
-class _Decoder:
+class Decoder:
     """One run of the decode loop. Rows leave as soon as they finish (their caller gets the
     result at once) and queued requests join at any step (continuous batching): a joining
     group is prefilled on its own, then its KV cache is left-padded to the running width
     and concatenated along the batch dimension. Columns no remaining row attends to are
     trimmed from the left."""
 
-    def __init__(self, backend: TransformersBackend, batch: list[_Request]) -> None:
+    def __init__(self, backend: TransformersBackend, batch: list[Request]) -> None:
         import torch
 
         self.backend = backend
@@ -289,13 +97,21 @@ class _Decoder:
                 self._send(request, exc)
 
     @staticmethod
-    def _send(request: _Request, result: Generation | BaseException) -> None:
+    def _send(request: Request, result: Generation | BaseException) -> None:
         try:
             request.loop.call_soon_threadsafe(_resolve, request.future, result)
         except RuntimeError:  # the caller's loop is closed: nobody waits for it
             pass
 
-    def _admit(self, requests: list[_Request]) -> None:
+    @staticmethod
+    def _report(loop: asyncio.AbstractEventLoop, sink: TokenSink, token: int) -> None:
+        """`sink(token)` on the caller's loop: queued before the result, so it runs first."""
+        try:
+            loop.call_soon_threadsafe(sink, token)
+        except RuntimeError:  # the caller's loop is closed: nobody waits for it
+            pass
+
+    def _admit(self, requests: list[Request]) -> None:
         """Add `requests` to the running rows. Their prompts are prefilled together, except
         that identical prompts (a GRPO group's rollouts share one) are computed once: within
         the joining requests, and against rows already running, whose prompt KV is copied."""
@@ -347,7 +163,7 @@ class _Decoder:
             row.prompt_logits = self.logits[start + k]
         self.rows += rows
 
-    def _prefill(self, requests: list[_Request]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _prefill(self, requests: list[Request]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """One forward over the distinct prompts (left-padded): (cache, mask, last logits), one row per request."""
         import torch
 
@@ -414,6 +230,8 @@ class _Decoder:
         for j, (row, tok, logprob) in enumerate(zip(self.rows, sampled.tolist(), chosen.tolist())):
             row.tokens.append(tok)
             row.logprobs.append(logprob)
+            if row.request.on_token is not None:
+                self._report(row.request.loop, row.request.on_token, tok)
             if tok in row.stops:
                 self._send(row.request, Generation(row.tokens, row.logprobs, "stop"))
             elif len(row.tokens) >= row.budget:
@@ -499,55 +317,3 @@ def _sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, uni
     pick = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).clamp(max=logits.shape[-1] - 1)
     sampled = (order.gather(1, pick) if order is not None else pick)[:, 0]
     return torch.where(temps == 0, greedy, sampled)
-
-
-Script = Callable[[list[int], SamplingParams], "str | list[int]"]
-
-
-class ScriptedBackend:
-    """A backend that answers from a script instead of sampling: `script(prompt_ids, params)`
-    returns the completion as text (encoded, then eos appended) or as token ids (used as is).
-    For tests and demos that need a model to make exact tool calls.
-
-    With `model`, the logprobs are that model's temperature-1 logprobs of the scripted tokens
-    (teacher forcing), so a learner sees the numbers a real sampler would have recorded;
-    without one they are 0.0. max_tokens and stop tokens apply as in sampling."""
-
-    def __init__(self, tokenizer: Any, script: Script, *, model: Any = None) -> None:
-        self.tokenizer, self.script, self.model = tokenizer, script, model
-        self.prompts: list[list[int]] = []
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        out = self.script(list(prompt_ids), params)
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer.encode(out, add_special_tokens=False) + [eos] if isinstance(out, str) else list(out)
-        if not ids:
-            raise ValueError("the script returned an empty completion")
-        stops = {eos, *params.stop_token_ids}
-        finish = "length"
-        for k, tok in enumerate(ids[: params.max_tokens]):
-            if tok in stops:
-                ids, finish = ids[: k + 1], "stop"
-                break
-        else:
-            ids = ids[: params.max_tokens]
-        self.prompts.append(list(prompt_ids))
-        logprobs = await asyncio.to_thread(self._logprobs, prompt_ids, ids) if self.model is not None else [0.0] * len(ids)
-        return Generation(ids, logprobs, finish)
-
-    def _logprobs(self, prompt_ids: list[int], ids: list[int]) -> list[float]:
-        import torch
-
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                logits = self.model(torch.tensor([list(prompt_ids) + ids], device=device)).logits[0].float()
-        finally:
-            self.model.train(was_training)
-        logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-        return logp.gather(1, torch.tensor(ids, device=device)[:, None])[:, 0].tolist()
-
-    async def weights_updated(self, adapter_dir: Path | None) -> None:
-        """Nothing to reload."""

@@ -22,14 +22,12 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-HERMES_TOOLS_HEADER = (
-    "# Tools\n\nFunction signatures are listed inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n\n"
-    "To call a function, reply with a JSON object holding its name and arguments inside "
-    '<tool_call></tool_call> tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
-)
+from trainer.models.templates import tools_header
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 class ChatFormatError(ValueError):
     """A message list the template cannot render; `param` names the offending field."""
@@ -100,7 +98,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def template_supports_tools(tokenizer: Any) -> bool:
+def template_supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     template = tokenizer.chat_template
     return isinstance(template, str) and "tools" in template
 
@@ -129,7 +127,7 @@ def _hermes_fallback(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     for msg in out:
         msg.pop("_tool_turn", None)
     if tools:
-        header = HERMES_TOOLS_HEADER.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        header = tools_header(tools)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{header}" if out[0]["content"] else header}
         else:
@@ -137,7 +135,7 @@ def _hermes_fallback(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     return out
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the prompt for the next assistant turn (generation prompt included)."""
     if not messages:
         raise ChatFormatError("messages: at least one message is required", "messages")

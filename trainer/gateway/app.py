@@ -21,55 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
-from trainer.backend import GenerationBackend
-from trainer.tracing import LogRecordBody, TraceStore, add_tracing_routes, parse_log_record
-from trainer.completions import (
-    APIError,
-    ChatCompleter,
-    ChatCompletionRequest,
-    Completion,
-    completion_response,
-    install_error_handlers,
-    read_json,
-)
+from trainer.types import GenerationBackend
+from trainer.types import CallRecord, extends
+from trainer.gateway.tracing import LogRecordBody, TraceStore, add_tracing_routes, parse_log_record
+from trainer.gateway.http import OPENAI_ERROR, serve_plain
+from trainer.gateway.completions import ChatCompleter, ChatCompletionRequest, Completion
+from trainer.gateway.http import APIError, install_error_handlers, read_json
+from trainer.gateway.streaming import completion_response
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLLOUT_PATH = (
     "/v1/rollout_id/{rollout_id}/invocation_id/{invocation_id}/experiment_id/{experiment_id}"
     "/run_id/{run_id}/row_id/{row_id}"
 )
 ROLLOUT_IDS = ("rollout_id", "invocation_id", "experiment_id", "run_id", "row_id")
-#: Every error answer, in OpenAI's shape (documented in the OpenAPI so clients and fuzzers know it).
-_ERROR: dict[str, Any] = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-}}}}
-
-
-@dataclass
-class CallRecord:
-    """One chat completion choice: what the model saw and what it sampled."""
-
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]
-    response: dict[str, Any]  # the assistant message returned (content / tool_calls)
-    finish_reason: str
 
 
 @dataclass
@@ -101,20 +77,6 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def _serve_plain(app: FastAPI, path: str, handle: Callable[[Request], Awaitable[Response]]) -> None:
-    """Serve the route at `path` by calling `handle` on the request, skipping FastAPI's dependency
-    solving (~100 us of a ~200 us request on the tiny model). The route's own endpoint only takes
-    the path ids and calls `handle` too, so the OpenAPI document, built from it, is unchanged, and
-    so are the errors: `handle` raises the APIErrors that the app's handlers answer."""
-    route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == path)
-
-    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await handle(Request(scope, receive))
-        await response(scope, receive, send)
-
-    route.app = plain
-
-
 @dataclass
 class _Open:
     record: RolloutRecord
@@ -126,7 +88,7 @@ class Gateway:
     def __init__(
         self,
         backend: GenerationBackend,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         *,
         model_name: str = "policy",
         default_max_tokens: int = 256,
@@ -197,24 +159,24 @@ class Gateway:
         event = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
         streamed = {"description": "the completion", "content": {"text/event-stream": {"schema": event}}}
         @app.post(ROLLOUT_PATH + "/chat/completions",
-                  responses={200: streamed, 400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+                  responses={200: streamed, 400: OPENAI_ERROR, 401: OPENAI_ERROR, 403: OPENAI_ERROR, 404: OPENAI_ERROR},
                   openapi_extra=_json_body(ChatCompletionRequest))
         async def chat_completions(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
         ) -> Response:
             return await self._chat_completions(request)
 
-        _serve_plain(app, ROLLOUT_PATH + "/chat/completions", self._chat_completions)
+        serve_plain(app, ROLLOUT_PATH + "/chat/completions", self._chat_completions)
 
-        @app.get(ROLLOUT_PATH + "/models", responses={401: _ERROR, 403: _ERROR, 404: _ERROR})
+        @app.get(ROLLOUT_PATH + "/models", responses={401: OPENAI_ERROR, 403: OPENAI_ERROR, 404: OPENAI_ERROR})
         async def rollout_models(
             request: Request, rollout_id: str, invocation_id: str, experiment_id: str, run_id: str, row_id: str
         ) -> dict[str, Any]:
             self._authorize(request, request.path_params)
             return self.completer.models_response()
 
-        @app.post("/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
-        @app.post("/v1/logs", responses={400: _ERROR, 403: _ERROR, 404: _ERROR}, openapi_extra=_json_body(LogRecordBody))
+        @app.post("/logs", responses={400: OPENAI_ERROR, 403: OPENAI_ERROR, 404: OPENAI_ERROR}, openapi_extra=_json_body(LogRecordBody))
+        @app.post("/v1/logs", responses={400: OPENAI_ERROR, 403: OPENAI_ERROR, 404: OPENAI_ERROR}, openapi_extra=_json_body(LogRecordBody))
         async def logs(request: Request) -> dict[str, Any]:
             return self._accept_log(await read_json(request), request.headers.get("authorization", ""))
 
@@ -261,9 +223,7 @@ class Gateway:
     def _record(opened: _Open, completion: Completion) -> None:
         record = opened.record
         prompt = completion.prompt_ids
-        if opened.last_calls and not any(
-            prompt[: len(c.prompt_ids) + len(c.completion_ids)] == c.prompt_ids + c.completion_ids for c in opened.last_calls
-        ):
+        if opened.last_calls and not any(extends(prompt, c.prompt_ids + c.completion_ids) for c in opened.last_calls):
             record.prefix_mismatch = True
         calls = [
             CallRecord(

@@ -28,7 +28,7 @@ from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from env_sdk.models import Status
-from trainer.completions import APIError, read_json, validation_api_error
+from trainer.gateway.http import OPENAI_ERROR, APIError, read_json, validation_api_error
 
 ROLLOUT_TAG = "rollout_id:"
 
@@ -146,14 +146,16 @@ def add_tracing_routes(app: FastAPI, store: TraceStore, authorize: Authorize, *,
     """The read side (status, logs and, with `traces`, chat traces) on `app`. The write side,
     `POST /logs`, stays the app's own: what a pushed record may do differs (see the gateway)."""
 
-    @app.get("/v1/status")
+    errors: dict[int | str, dict[str, Any]] = {400: OPENAI_ERROR, 401: OPENAI_ERROR}
+
+    @app.get("/v1/status", responses=errors)
     async def rollout_status(request: Request, rollout_id: str = Query(min_length=1)) -> dict[str, Any]:
         """eval-protocol's status read-out: the latest status pushed for the rollout, or null."""
         authorize(request)
         return store.status(rollout_id)
 
-    @app.get("/logs")
-    @app.get("/v1/logs")
+    @app.get("/logs", responses=errors)
+    @app.get("/v1/logs", responses=errors)
     async def logs(request: Request, tags: list[str] = Query(), program: str | None = None,
                    limit: int = 100) -> dict[str, Any]:
         """The log records pushed for the rollouts named by `rollout_id:<id>` tags."""
@@ -161,7 +163,7 @@ def add_tracing_routes(app: FastAPI, store: TraceStore, authorize: Authorize, *,
         return store.logs(tags, program, limit)
 
     if traces:
-        @app.get("/v1/traces/pointwise")
+        @app.get("/v1/traces/pointwise", responses=errors)
         async def pointwise(request: Request, tags: list[str] = Query(), limit: int = 100) -> dict[str, Any]:
             """One trace per chat completion made under the rollouts' URLs (eval-protocol's shape)."""
             authorize(request)

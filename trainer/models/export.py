@@ -124,7 +124,7 @@ def export_adapter(model: Path, adapter: Path, out: Path) -> Path:
 
 def export_merged(model: Path, adapter: Path, out: Path) -> Path:
     """Write base + adapter, merged, as a transformers model directory with its tokenizer."""
-    from trainer.serve import load_policy
+    from trainer.models.loading import load_policy
 
     _check_model(model)
     _adapter_config(adapter)

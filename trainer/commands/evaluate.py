@@ -28,22 +28,15 @@ from typing import Any
 
 from trainer.config import ConfigError, EnvEndpoint, TrainConfig, load_config
 from trainer.data import DatasetError, load_tasks
-from trainer.diagnosis import Tally, deadline_hint, explain
-from trainer.local_envs import LocalEnvError, local_envs
-from trainer.rewards import EvaluatorLoadError, load_evaluator
-from trainer.scheduler import (
-    EnvPool,
-    EnvsUnreachable,
-    ExternalEndpoint,
-    GatewayEndpoint,
-    GroupResult,
-    ModelEndpoint,
-    RolloutResult,
-    RolloutScheduler,
-    failure_counts,
-)
+from trainer.gateway.server import ServeError
+from trainer.generation.vllm_backend import VLLMError
+from trainer.rollouts.diagnosis import Tally, deadline_hint, explain
+from trainer.rollouts.local_envs import LocalEnvError, local_envs
+from trainer.rollouts.rewards import EvaluatorLoadError, load_evaluator
+from trainer.rollouts import EnvPool, EnvsUnreachable, ExternalEndpoint, GatewayEndpoint, ModelEndpoint, RolloutScheduler
+from trainer.types import failure_counts, GroupResult, RolloutResult
 
-logger = logging.getLogger("trainer.evaluate")
+logger = logging.getLogger("trainer.commands.evaluate")
 PASS = 1.0 - 1e-6
 
 
@@ -92,20 +85,27 @@ def _describe(config: TrainConfig) -> str:
     return f"{config.model} + {config.eval.adapter}" if config.eval.adapter else config.model
 
 
-def _load_policy(config: TrainConfig) -> tuple[Any, Any]:
-    from trainer.learner import resolve_device, resolve_dtype
-    from trainer.models import load_model
+def _load_policy(config: TrainConfig) -> tuple[Any, Any, str]:
+    """(model, tokenizer, dtype name) to generate with: base + adapter for the transformers backend;
+    for vLLM servers (which load the model and adapter themselves) the tokenizer alone."""
+    from trainer.learning.learner import resolve_device, resolve_dtype
+    from trainer.models import load_policy, load_tokenizer
 
     device = resolve_device(config.device)
-    model, tokenizer = load_model(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
-    if config.eval.adapter:
-        from peft import PeftModel
+    dtype = resolve_dtype(config.dtype, device)
+    if config.backend == "vllm":
+        return None, load_tokenizer(config.model), str(dtype).removeprefix("torch.")
+    model, tokenizer = load_policy(config.model, config.eval.adapter, device=device, dtype=dtype, merge=False)
+    return model, tokenizer, str(dtype).removeprefix("torch.")
 
-        adapter = Path(config.eval.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"eval.adapter: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval(), tokenizer
+
+def _lora_rank(config: TrainConfig) -> int:
+    """The adapter's LoRA rank (vLLM servers must be started for it), else the config's."""
+    if config.eval.adapter:
+        adapter_config = Path(config.eval.adapter) / "adapter_config.json"
+        if adapter_config.is_file():
+            return int(json.loads(adapter_config.read_text()).get("r", config.lora.rank))
+    return config.lora.rank
 
 
 async def _run(config: TrainConfig, endpoint: ModelEndpoint, pool: EnvPool, tasks: list[Any],
@@ -129,7 +129,7 @@ async def _run(config: TrainConfig, endpoint: ModelEndpoint, pool: EnvPool, task
 async def _evaluate(config: TrainConfig, envs: list[EnvEndpoint]) -> tuple[EvalResult, list[GroupResult]]:
     from tqdm import tqdm
 
-    from trainer.run import serve_gateway
+    from trainer.gateway.server import serve_gateway
 
     dataset = config.eval.dataset or config.dataset
     tasks = load_tasks(dataset)[: config.eval.limit]
@@ -144,13 +144,16 @@ async def _evaluate(config: TrainConfig, envs: list[EnvEndpoint]) -> tuple[EvalR
         if config.eval.url:
             groups = await _run(config, ExternalEndpoint(config.eval.url, config.eval.api_key), pool, tasks, progress)
         else:
-            from trainer.backend import TransformersBackend
             from trainer.gateway import Gateway
+            from trainer.generation import create_backend
 
-            model, tokenizer = _load_policy(config)
-            backend = TransformersBackend(model, tokenizer, max_batch_size=config.generation.max_batch_size,
-                                          collect_window_s=config.generation.collect_window_s, seed=config.seed)
+            model, tokenizer, dtype = _load_policy(config)
+            backend = create_backend(config.backend, config.model, model, tokenizer, generation=config.generation,
+                                   vllm=config.vllm, lora_rank=_lora_rank(config), dtype=dtype, seed=config.seed,
+                                   log_dir=Path(config.run_dir) / "vllm")
             try:
+                if config.eval.adapter and backend.needs_adapter_dir:  # vLLM: the servers load it by directory
+                    await backend.weights_updated(Path(config.eval.adapter))
                 gateway = Gateway(backend, tokenizer, model_name=config.eval.model_name,
                                   default_max_tokens=config.sampling.max_tokens)
                 async with serve_gateway(gateway.app, config.gateway.host, config.gateway.port,
@@ -175,7 +178,7 @@ async def _evaluate(config: TrainConfig, envs: list[EnvEndpoint]) -> tuple[EvalR
 
 def evaluate(config: TrainConfig) -> EvalResult:
     """Evaluate as `config.eval` says; write the JSON result and the rollouts; return the result."""
-    from trainer.run import torch_threads
+    from trainer.commands.runtime import torch_threads
 
     with torch_threads(config), local_envs(config.envs) as envs:
         result, groups = asyncio.run(_evaluate(config, envs))
@@ -228,7 +231,8 @@ def main(argv: list[str]) -> int:
         if not config.model and not config.eval.url:
             raise ConfigError(f"{args.config}: missing required config key 'model' (or give eval.url / --url)")
         result = evaluate(config)
-    except (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, FileNotFoundError, LocalEnvError) as exc:
+    except (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, FileNotFoundError, LocalEnvError, ServeError,
+            VLLMError) as exc:
         print(f"openrft eval: error: {exc}", file=sys.stderr)
         return 2
     print_table(result, Path(config.eval.out) if config.eval.out else Path(config.run_dir) / "eval.json")

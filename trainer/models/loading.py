@@ -1,0 +1,66 @@
+"""Loading a local model directory, with or without a trained LoRA adapter: the one place
+`openrft train`, `eval`, `serve` and `export` load models from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def load_model(
+    model_dir: str | Path, *, device: str = "cpu", dtype: "torch.dtype | None" = None
+) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
+    """Load a local transformers causal-LM directory and its tokenizer onto `device`.
+
+    `dtype` defaults to float32 on CPU and bfloat16 on CUDA (when supported)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); build one with `openrft model tiny --out {path}`")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path) -> "PreTrainedTokenizerBase":
+    """A model directory's tokenizer alone (generation elsewhere, e.g. on vLLM servers)."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(
+    model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str = "cpu",
+    dtype: "torch.dtype | None" = None, merge: bool = True,
+) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
+    """The base model with a PEFT adapter (if any) applied, in eval mode, and its tokenizer.
+    `merge` folds the adapter into the base weights (faster inference; the adapter cannot be
+    switched off afterwards)."""
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter_dir)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer
