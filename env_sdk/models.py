@@ -14,6 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROTOCOL_VERSION = "1"
+#: The header on every answer of a v1 server; its value is PROTOCOL_VERSION.
+PROTOCOL_HEADER = "X-OpenRFT-Protocol"
+#: Endpoints answered without the bearer token (probes of load balancers; they reveal no rollout).
+OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 class StatusCode(IntEnum):

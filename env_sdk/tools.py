@@ -19,8 +19,8 @@ from typing import Any, get_type_hints
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from env_sdk.agent import Agent, AgentResult, RolloutTask
 from env_sdk.models import EvaluationResult
-from env_sdk.server import Agent, AgentResult, RolloutTask
 
 Evaluator = Callable[
     [RolloutTask, list[dict[str, Any]]],

@@ -13,10 +13,13 @@ import argparse
 import hashlib
 import importlib
 import json
+import random
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ENVS = ("math", "sql_tools", "json_extract", "code")
 SPLITS = ("train", "test")
@@ -33,6 +36,37 @@ def split_of(key: str) -> str:
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def task_rng(env: str, task_id: str, kinds: Sequence[str]) -> tuple[str, random.Random]:
+    """(kind, the task's own random generator) for a task id ``"<kind>/<number>"``: all a task is
+    rebuilt from. ValueError for an id env never made."""
+    kind, _, number = task_id.partition("/")
+    if kind not in kinds or not number.isdigit():
+        raise ValueError(f"not a {env} task id: {task_id!r} (expected '<{'|'.join(kinds)}>/<number>')")
+    return kind, random.Random(f"{env}/{task_id}")
+
+
+def distinct_tasks(env: str, build: Callable[[str], T], text: Callable[[T], str], *, kinds: Sequence[str],
+                   split: str, seed: int, n: int, kind: str | None) -> list[T]:
+    """`n` tasks of env `env` in `split` with distinct texts: `build(task_id)` of ids drawn at random
+    (all kinds mixed unless `kind` is given), a task kept when its text is new and hashes into `split`."""
+    check_split(split)
+    rng = random.Random(f"{env}:{split}:{seed}:{kind}")
+    choices = [kind] if kind else list(kinds)
+    tasks: list[T] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(tasks) < n:
+        attempts += 1
+        if attempts > 50 * n + 10_000:
+            raise ValueError(f"cannot find {n} distinct {kind or env} tasks for the {split} split; ask for fewer")
+        t = build(f"{rng.choice(choices)}/{rng.randrange(10**9)}")
+        if text(t) in seen or split_of(f"{env}:{text(t)}") != split:
+            continue
+        seen.add(text(t))
+        tasks.append(t)
+    return tasks
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:

@@ -22,7 +22,7 @@ from env_sdk import RolloutTask, create_env_app
 from env_sdk.models import RolloutMetadata
 from env_sdk.server import OPEN_PATHS
 from tests.helpers import serve_app
-from trainer.backend import ScriptedBackend
+from trainer.generation import ScriptedBackend
 from trainer.gateway import Gateway
 from trainer.models import build_tiny_tokenizer
 

@@ -1,5 +1,5 @@
 """Scoring for the code env: run the solution against hidden test cases in the sandbox
-(`env_sdk.sandbox`); score = fraction of cases whose output equals the expected one.
+(`env_sdk.run_python`); score = fraction of cases whose output equals the expected one.
 
 The expected outputs never enter the sandbox: the harness there only calls the function on each
 case's inputs and writes the JSON-encoded results, one line per case, to a descriptor the
@@ -16,9 +16,14 @@ import math
 import re
 from typing import Any
 
-from env_sdk import EvaluationResult
-from env_sdk.graders import final_text
-from env_sdk.sandbox import SandboxLimits, SandboxResult, run_python, run_python_async
+from env_sdk import (
+    EvaluationResult,
+    SandboxLimits,
+    SandboxResult,
+    final_text,
+    run_python,
+    run_python_async,
+)
 
 SUBMIT = "submit_solution"
 #: Limits for one grading run (all cases of one solution).

@@ -13,8 +13,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from env_sdk import Agent, EvaluationResult, RolloutTask, create_env_app, tool_agent
-from env_sdk.sandbox import SandboxLimits
+from env_sdk import (
+    Agent,
+    EvaluationResult,
+    RolloutTask,
+    SandboxLimits,
+    create_env_app,
+    tool_agent,
+)
 from reference_envs.code.dataset import task as code_task
 from reference_envs.code.evaluator import GRADING_LIMITS, SUBMIT, agrade, submitted_code
 from reference_envs.code.tools import TRY_LIMITS, make_tools

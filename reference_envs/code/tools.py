@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from env_sdk.sandbox import SandboxLimits, run_python_async
+from env_sdk import SandboxLimits, run_python_async
 
 #: Limits for one `run_python` tool call.
 TRY_LIMITS = SandboxLimits(wall_s=5.0, cpu_s=3, memory_mb=256, max_processes=16)

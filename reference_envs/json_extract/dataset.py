@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from reference_envs.datasets import check_split, split_of
+from reference_envs.datasets import distinct_tasks, task_rng
 
 KINDS = ("contact", "order", "event")
 
@@ -130,27 +130,17 @@ _MAKERS = {"contact": _contact, "order": _order, "event": _event}
 
 def task(task_id: str) -> ExtractionTask:
     """Rebuild a task from its id (``"order/123"``); ValueError for an id this env never made."""
-    kind, _, number = task_id.partition("/")
-    if kind not in _MAKERS or not number.isdigit():
-        raise ValueError(f"not a json_extract task id: {task_id!r} (expected '<{'|'.join(KINDS)}>/<number>')")
-    text, fields = _MAKERS[kind](random.Random(f"json_extract/{task_id}"))
+    kind, rng = task_rng("json_extract", task_id, KINDS)
+    text, fields = _MAKERS[kind](rng)
     return ExtractionTask(task_id=task_id, kind=kind, text=text, schema=SCHEMAS[kind], fields=fields)
 
 
 def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[dict[str, Any]]:
-    check_split(split)
-    rng = random.Random(f"json_extract:{split}:{seed}:{kind}")
-    kinds = [kind] if kind else list(KINDS)
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    while len(rows) < n:
-        t = task(f"{rng.choice(kinds)}/{rng.randrange(10**9)}")
-        if t.text in seen or split_of(f"json_extract:{t.text}") != split:
-            continue
-        seen.add(t.text)
-        rows.append({
-            "messages": [{"role": "user", "content": t.prompt}],
-            "ground_truth": {"schema": t.schema, "fields": t.fields},
-            "metadata": {"env": "json_extract", "task_id": t.task_id, "kind": t.kind, "split": split},
-        })
-    return rows
+    """`n` distinct tasks of `split` (all kinds mixed unless `kind` is given)."""
+    tasks = distinct_tasks("json_extract", task, lambda t: t.text, kinds=KINDS, split=split, seed=seed, n=n,
+                           kind=kind)
+    return [{
+        "messages": [{"role": "user", "content": t.prompt}],
+        "ground_truth": {"schema": t.schema, "fields": t.fields},
+        "metadata": {"env": "json_extract", "task_id": t.task_id, "kind": t.kind, "split": split},
+    } for t in tasks]

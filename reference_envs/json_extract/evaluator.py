@@ -13,8 +13,13 @@ import math
 import re
 from typing import Any
 
-from env_sdk import EvaluationResult
-from env_sdk.graders import JsonSchemaMatch, extract_json, final_text, normalize_text
+from env_sdk import (
+    EvaluationResult,
+    JsonSchemaMatch,
+    extract_json,
+    final_text,
+    normalize_text,
+)
 
 
 def _same(got: Any, want: Any) -> bool:

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from reference_envs.datasets import check_split, split_of
+from reference_envs.datasets import distinct_tasks, task_rng
 
 KINDS = ("sums", "arithmetic", "word")
 #: What each row asks for, after the question (short: the demo trains a 135M model on it).
@@ -67,10 +67,8 @@ _MAKERS = {"sums": _sums, "arithmetic": _arithmetic, "word": _word}
 
 def problem(task_id: str) -> Problem:
     """Rebuild a task from its id (``"sums/1234"``); ValueError for an id this env never made."""
-    kind, _, number = task_id.partition("/")
-    if kind not in _MAKERS or not number.isdigit():
-        raise ValueError(f"not a math task id: {task_id!r} (expected '<{'|'.join(KINDS)}>/<number>')")
-    question, answer = _MAKERS[kind](random.Random(f"math/{task_id}"))
+    kind, rng = task_rng("math", task_id, KINDS)
+    question, answer = _MAKERS[kind](rng)
     return Problem(task_id=task_id, kind=kind, question=question, answer=answer)
 
 
@@ -84,19 +82,6 @@ def row(p: Problem, split: str) -> dict[str, Any]:
 
 def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[dict[str, Any]]:
     """`n` distinct tasks of `split` (all kinds mixed unless `kind` is given)."""
-    check_split(split)
-    rng = random.Random(f"math:{split}:{seed}:{kind}")
-    kinds = [kind] if kind else list(KINDS)
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 50 * n + 10_000:
-            raise ValueError(f"cannot find {n} distinct {kind or 'math'} tasks for the {split} split; ask for fewer")
-        p = problem(f"{rng.choice(kinds)}/{rng.randrange(10**9)}")
-        if p.question in seen or split_of(f"math:{p.question}") != split:
-            continue
-        seen.add(p.question)
-        rows.append(row(p, split))
-    return rows
+    problems = distinct_tasks("math", problem, lambda p: p.question, kinds=KINDS, split=split, seed=seed, n=n,
+                              kind=kind)
+    return [row(p, split) for p in problems]

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from env_sdk import EvaluationResult
-from env_sdk.graders import NumericMatch, final_text
+from env_sdk import EvaluationResult, NumericMatch, final_text
 
 _MATCH = NumericMatch(abs_tol=1e-6)
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from env_sdk import EvaluationResult
-from env_sdk.graders import NumericMatch, StringMatch
+from env_sdk import EvaluationResult, NumericMatch, StringMatch
 from reference_envs.sql_tools.tools import SUBMIT
 
 _NUMBER = NumericMatch(abs_tol=0.01)

@@ -233,21 +233,16 @@ class EnvPool:
             w.wake.set()
 
     async def _poll_each(self, slot: EnvSlot, ids: list[str]) -> dict[str, StatusResponse]:
-        """GET /status per rollout (no long-poll); a rollout whose own answer fails gets the error."""
-        w = slot.waiter
-
-        async def one(rid: str) -> tuple[str, StatusResponse | None]:
-            try:
-                st = await slot.client.status(rid)
-            except (EnvError, OSError) as exc:
-                fut = w.pending.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc if isinstance(exc, EnvError) else EnvUnreachableError(str(exc)))
-                return rid, None
-            return rid, st if st.terminated else None
-
-        answers = await asyncio.gather(*(one(rid) for rid in ids))
-        return {rid: st for rid, st in answers if st is not None}
+        """GET /status per rollout (`EnvClient.poll_each`); a rollout whose own answer fails gets the error."""
+        found: dict[str, StatusResponse] = {}
+        for rid, answer in (await slot.client.poll_each(ids)).items():
+            if isinstance(answer, StatusResponse):
+                found[rid] = answer
+                continue
+            fut = slot.waiter.pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(answer)
+        return found
 
     async def aclose(self) -> None:
         for slot in self.slots:

@@ -1,37 +1,23 @@
-"""`openrft conformance URL [--token T] [--strict]`: check any env server against protocol v1.
-
-Checks come in two levels (SPEC section 10). `core` is what every env server must do, eval-protocol's
-included; `v1` is openrft's extensions, each reported present (pass or fail) or absent. The exit
-status is 1 when a core check fails, when a present extension is broken, and, with --strict or
-against a server that claims v1 (X-OpenRFT-Protocol header), when an extension is absent.
-
-It talks raw HTTP (no retries, so nothing is masked) and starts rollouts whose `model_base_url`
-points at a stub OpenAI-compatible model it serves itself on loopback (or `--model-url`).
-"""
+"""The checks, each a method of `Conformance` that raises a `Verdict` (or returns a detail on a
+pass), and the `CheckResult` each ends as."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
-import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
-import uvicorn
-from fastapi import FastAPI, Request
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from env_sdk.models import (
     CAP_INIT_BATCH,
+    PROTOCOL_HEADER,
     PROTOCOL_VERSION,
     CancelResponse,
     Health,
@@ -41,7 +27,6 @@ from env_sdk.models import (
     StatusResponse,
     VersionResponse,
 )
-from env_sdk.server import PROTOCOL_HEADER
 
 Level = Literal["core", "v1"]
 CheckStatus = Literal["pass", "fail", "absent", "skip"]
@@ -71,11 +56,6 @@ class CheckResult:
     @property
     def fails(self) -> bool:
         return self.status == FAIL or (self.status == ABSENT and self.required)
-
-    @property
-    def outcome(self) -> str:
-        """`status` in capitals (`"PASS"`, `"FAIL"`, ...), as results were read before levels existed."""
-        return self.status.upper()
 
 
 class Verdict(Exception):
@@ -139,51 +119,6 @@ def _has_message(resp: httpx.Response) -> bool:
         return any(body.get(k) for k in ("detail", "message", "error"))
     return bool(body)
 
-
-# --- the stub model the env under test calls --------------------------------------------------
-
-
-def stub_model_app() -> FastAPI:
-    """An OpenAI-compatible chat endpoint at any path ending in /chat/completions that always answers
-    with text. It counts calls per rollout id found in the path (the gateway's URL shape)."""
-    app = FastAPI()
-    app.state.calls = Counter()
-
-    @app.post("/{path:path}")
-    async def chat(path: str, request: Request) -> dict[str, Any]:
-        m = re.search(r"rollout_id/([^/]+)/", path)
-        app.state.calls[m.group(1) if m else ""] += 1
-        body = await request.json()
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "stub"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "Hello from the conformance stub."}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-
-    return app
-
-
-@contextlib.asynccontextmanager
-async def serve_stub(host: str) -> AsyncIterator[tuple[str, FastAPI]]:
-    app = stub_model_app()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("stub model server did not start")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{port}", app
-    finally:
-        server.should_exit = True
-        await task
-
-
-# --- the checks -------------------------------------------------------------------------------
 
 Check = Callable[[], Awaitable[str]]
 
@@ -439,94 +374,3 @@ class Conformance:
                                                                      f"detail {b.results[2].detail!r}")
         await self.wait_terminal(rid, self.deadline_s)
         return f"per item: {'/'.join(map(str, codes))}"
-
-
-async def run_conformance(url: str, *, token: str | None = None, model_url: str | None = None,
-                          task: dict[str, Any] | None = None, deadline_s: float = 30.0, strict: bool = False,
-                          stub_host: str = "127.0.0.1") -> list[CheckResult]:
-    """Run every check against the env server at `url`; it conforms when no result `fails` (with
-    `strict`, as against a server that claims v1, an absent extension fails too)."""
-    if model_url:
-        conf = Conformance(url.rstrip("/"), token, model_url, task or {}, strict=strict, deadline_s=deadline_s)
-        return await conf.run()
-    async with serve_stub(stub_host) as (stub_url, stub):
-        conf = Conformance(url.rstrip("/"), token, f"{stub_url}/v1", task or {}, strict=strict,
-                           deadline_s=deadline_s, model_calls=stub.state.calls)
-        return await conf.run()
-
-
-def failed(results: list[CheckResult]) -> list[CheckResult]:
-    return [r for r in results if r.fails]
-
-
-def trainer_verdict(results: list[CheckResult]) -> tuple[bool, str]:
-    """Whether openrft's trainer can train against the server, and why. It needs the core checks only
-    (without /status/batch it polls GET /status per rollout; /health, /cancel, /version are optional
-    to it), but it does use /health, /status/batch and /init/batch when they answer, so they must work."""
-    core = [r.name for r in results if r.level == CORE and r.status != PASS]
-    if core:
-        return False, f"core check(s) failed: {', '.join(core)}"
-    broken = [r.name for r in results if r.name in TRAINER_USES and r.status == FAIL]
-    if broken:
-        return False, f"it would use these and they are broken: {', '.join(broken)}"
-    polls = any(r.name == BATCHED_STATUS and r.status != PASS for r in results)
-    return True, "every core check passes" + ("; it polls GET /status per rollout (no /status/batch)" if polls else "")
-
-
-_STYLE: dict[CheckStatus, str] = {PASS: "green", FAIL: "bold red", ABSENT: "yellow", SKIP: "dim"}
-
-
-def _verdict(r: CheckResult) -> str:
-    return f"[{'bold red' if r.fails else _STYLE[r.status]}]{r.outcome}[/]"
-
-
-def print_table(url: str, results: list[CheckResult], console: Console | None = None) -> None:
-    console = console or Console()
-    table = Table(title=f"protocol v{PROTOCOL_VERSION} conformance: {url}")
-    table.add_column("level")
-    table.add_column("check")
-    table.add_column("verdict")
-    table.add_column("detail", overflow="fold")
-    for r in results:
-        table.add_row(r.level, r.name, _verdict(r), r.detail)
-    console.print(table)
-    if any(r.status == ABSENT and not r.required for r in results):
-        console.print(f"[yellow]ABSENT[/]: not served; allowed, as the server does not claim v1 (no {PROTOCOL_HEADER} "
-                      "header). --strict requires every v1 extension.")
-    ok, why = trainer_verdict(results)
-    if ok:
-        console.print(f"[green]openrft's trainer can train against this server[/]: {why}.")
-    else:
-        console.print(f"[bold red]openrft's trainer cannot train against this server[/]: {why}.")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openrft conformance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("url", help="base URL of the env server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--token", help="the server's bearer token (also checks that a wrong one gets 401)")
-    parser.add_argument("--strict", action="store_true", help="fail on absent v1 extensions too (they fail anyway "
-                                                              f"when the server sends {PROTOCOL_HEADER})")
-    parser.add_argument("--model-url", help="OpenAI-compatible base URL the env should call (default: a stub "
-                                            "served by this command on loopback)")
-    parser.add_argument("--stub-host", default="127.0.0.1", help="address the stub model listens on")
-    parser.add_argument("--task", help="JSON file with InitRequest fields to send (messages, tools, "
-                                       "task_metadata, completion_params) when the env needs a real task")
-    parser.add_argument("--deadline", type=float, default=30.0, help="seconds a rollout may take (default 30)")
-    args = parser.parse_args(argv)
-    task: dict[str, Any] = {}
-    if args.task:
-        try:
-            with open(args.task) as f:
-                task = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            parser.error(f"--task {args.task}: {exc}")
-        if not isinstance(task, dict):
-            parser.error(f"--task {args.task}: must hold a JSON object, got {type(task).__name__}")
-    results = asyncio.run(run_conformance(args.url, token=args.token, model_url=args.model_url, task=task,
-                                          deadline_s=args.deadline, strict=args.strict, stub_host=args.stub_host))
-    print_table(args.url, results)
-    bad = failed(results)
-    if bad:
-        Console(stderr=True).print(f"[bold red]{len(bad)} check(s) failed:[/] {', '.join(r.name for r in bad)}")
-        return 1
-    return 0
