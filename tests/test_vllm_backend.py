@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse
 from env_sdk import AgentResult, RolloutTask, create_env_app
 from tests.helpers import serve_app
 from trainer.types import SamplingParams
-from trainer.generation.vllm_backend import VLLMBackend, VLLMError, VLLMServer, server_lora_rank, start_servers, vllm_python
+from trainer.generation.vllm_backend import VLLMBackend
+from trainer.generation.vllm_servers import VLLMError, VLLMServer, server_lora_rank, start_servers, vllm_python
 
 # --- fast tier: the HTTP contract -----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any
 from trainer.config import ConfigError, EnvEndpoint, TrainConfig, load_config
 from trainer.data import DatasetError, load_tasks
 from trainer.gateway.server import ServeError
-from trainer.generation.vllm_backend import VLLMError
+from trainer.generation.vllm_servers import VLLMError
 from trainer.rollouts.diagnosis import Tally, deadline_hint, explain
 from trainer.rollouts.local_envs import LocalEnvError, local_envs
 from trainer.rollouts.rewards import EvaluatorLoadError, load_evaluator
