@@ -119,11 +119,11 @@ class CallRecord:
     finish_reason: str
 
 
-def extends(ids: Sequence[int], prefix: Sequence[int]) -> bool:
+def extends(ids: list[int], prefix: list[int]) -> bool:
     """Whether `ids` starts with `prefix`: a multi-turn call's prompt extends the previous call's
     prompt + completion when the env only appended to the conversation (then the calls train as one
     sequence, and the gateway counts no prefix mismatch)."""
-    return len(ids) >= len(prefix) and list(ids[: len(prefix)]) == list(prefix)
+    return len(ids) >= len(prefix) and ids[: len(prefix)] == prefix
 
 
 # --- the env side: rollouts and groups ------------------------------------------------------

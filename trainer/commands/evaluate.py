@@ -101,10 +101,10 @@ def _load_policy(config: TrainConfig) -> tuple[Any, Any, str]:
 
 def _lora_rank(config: TrainConfig) -> int:
     """The adapter's LoRA rank (vLLM servers must be started for it), else the config's."""
+    from trainer.models.loading import adapter_config
+
     if config.eval.adapter:
-        adapter_config = Path(config.eval.adapter) / "adapter_config.json"
-        if adapter_config.is_file():
-            return int(json.loads(adapter_config.read_text()).get("r", config.lora.rank))
+        return int(adapter_config(config.eval.adapter).get("r", config.lora.rank))
     return config.lora.rank
 
 

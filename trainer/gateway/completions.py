@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from env_sdk.models import Message, Tool
 from trainer.types import Generation, GenerationBackend, SamplingParams, StreamingBackend, TokenSink
 from trainer.gateway.chat import ChatFormatError, parse_output, render_prompt
-from trainer.gateway.http import APIError, validation_api_error
+from trainer.gateway.http import APIError, parse_body
 from trainer.gateway.streaming import LiveStream, completion_response, usage
 
 if TYPE_CHECKING:
@@ -107,12 +107,7 @@ class ChatCompleter:
         return tuple(render_prompt(self.tokenizer, messages, tools))
 
     def parse_request(self, body: Any) -> ChatCompletionRequest:
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            request = ChatCompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise validation_api_error(exc.errors()) from None
+        request = parse_body(ChatCompletionRequest, body, "request body")
         if request.tool_choice not in (None, "auto", "none"):
             raise APIError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice")
         return request

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
+
+M = TypeVar("M", bound=BaseModel)
 
 
 #: Every error answer, in OpenAI's shape (documented in the OpenAPI so clients and fuzzers know it).
@@ -72,6 +75,16 @@ def validation_api_error(errors: Any) -> APIError:
             path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     param = path or None
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+
+
+def parse_body(model: type[M], body: Any, what: str) -> M:
+    """`body` (parsed JSON) as `model`, or an APIError (400) naming the field that is wrong."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"{what} must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_api_error(exc.errors()) from None
 
 
 async def read_json(request: Request) -> Any:

@@ -25,10 +25,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from env_sdk.models import Status
-from trainer.gateway.http import OPENAI_ERROR, APIError, read_json, validation_api_error
+from trainer.gateway.http import OPENAI_ERROR, APIError, parse_body, read_json
 
 ROLLOUT_TAG = "rollout_id:"
 
@@ -45,17 +45,17 @@ class LogRecordBody(BaseModel):
     extras: dict[str, Any] | None = None
 
     def rollout_ids(self) -> list[str]:
-        return [t.removeprefix(ROLLOUT_TAG) for t in self.tags if t.startswith(ROLLOUT_TAG)]
+        return tagged_rollout_ids(self.tags)
+
+
+def tagged_rollout_ids(tags: list[str]) -> list[str]:
+    """The ids of the `rollout_id:<id>` tags among `tags`."""
+    return [t.removeprefix(ROLLOUT_TAG) for t in tags if t.startswith(ROLLOUT_TAG)]
 
 
 def parse_log_record(body: Any) -> LogRecordBody:
     """A pushed record, or an APIError (400) naming what is wrong with it."""
-    if not isinstance(body, dict):
-        raise APIError(400, "log record must be a JSON object")
-    try:
-        record = LogRecordBody.model_validate(body)
-    except ValidationError as exc:
-        raise validation_api_error(exc.errors()) from None
+    record = parse_body(LogRecordBody, body, "log record")
     if not record.rollout_ids():
         raise APIError(400, "tags: no 'rollout_id:<id>' tag", param="tags")
     return record
@@ -133,7 +133,7 @@ class TraceStore:
 
 
 def _tagged_ids(tags: list[str]) -> list[str]:
-    ids = [t.removeprefix(ROLLOUT_TAG) for t in tags if t.startswith(ROLLOUT_TAG)]
+    ids = tagged_rollout_ids(tags)
     if not ids:
         raise APIError(400, "tags: give at least one 'rollout_id:<id>' tag", param="tags")
     return ids

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,14 @@ def load_tokenizer(model_dir: str | Path) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
+def adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """A PEFT adapter directory's adapter_config.json, or FileNotFoundError naming the directory."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    return json.loads(path.read_text())
+
+
 def load_policy(
     model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str = "cpu",
     dtype: "torch.dtype | None" = None, merge: bool = True,
@@ -56,10 +65,8 @@ def load_policy(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        adapter = Path(adapter_dir)
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
+        adapter_config(adapter_dir)
+        model = PeftModel.from_pretrained(model, Path(adapter_dir))
         if merge:
             model = model.merge_and_unload()
     model.eval()
