@@ -24,7 +24,13 @@ jemalloc:
 	  || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q libjemalloc2 || (apt-get update -q && apt-get install -y -q libjemalloc2)); } \
 	  || echo "note: libjemalloc2 not installed; training uses glibc's malloc (more resident memory, same results)"
 
-install: $(BIN)/openrft bwrap jemalloc
+# Headless Chromium + its driver for the dashboard's browser test (tests/test_dashboard_browser.py; skipped without).
+chromium:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)); } \
+	  || echo "note: chromium not installed; the dashboard's browser test is skipped"
+
+install: $(BIN)/openrft bwrap jemalloc chromium
 
 demo: install
 	$(BIN)/openrft demo
@@ -32,4 +38,4 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-.PHONY: install bwrap jemalloc demo test
+.PHONY: install bwrap jemalloc chromium demo test

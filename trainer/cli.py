@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("trainer.commands.serve:main", "serve a model (+ adapter) behind an OpenAI-compatible API"),
     "export": ("trainer.models.export:main", "write an adapter, or a merged model with --merge"),
     "report": ("trainer.commands.report:main", "rebuild RUN_DIR/report.html"),
+    "dashboard": ("trainer.commands.dashboard:main", "a live local page over run directories: curves, rollouts, tokens"),
     "demo": ("trainer.commands.demo:main", "the main job end to end: SmolLM2 learns arithmetic on CPU"),
 }
 

@@ -9,8 +9,8 @@ each -> rewards -> advantages per group (groups with too few finished rollouts a
 whose rewards are all equal are skipped; both counted) -> the recorded tokens become training
 sequences -> one GRPO update -> metrics line, rollouts dump, maybe a checkpoint.
 
-Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl,
-checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).
+Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl (+ .tokens.jsonl: what was
+trained, trainer/dashboard/tokens.py), checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).
 `--resume` restores adapter, optimizer, RNG, step and data cursor from the newest checkpoint, drops
 metrics and dumps of the steps after it, and continues: no sample is trained twice and the data
 order goes on where it stopped. (Sampling noise itself is not replayed bit for bit.)
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from env_sdk import Task
+from trainer.commands.progress import Pace, progress_bar
 from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
 from trainer.config import (
     ConfigError,
@@ -41,6 +42,7 @@ from trainer.config import (
     load_config,
     save_config,
 )
+from trainer.dashboard.tokens import write_tokens
 from trainer.data import DatasetError, TaskStream, load_tasks
 from trainer.gateway.server import ServeError, serve_gateway
 from trainer.generation.factory import create_backend, sync_weights
@@ -161,14 +163,11 @@ def make_backend(config: TrainConfig, learner: Learner) -> GenerationBackend:
 
 async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task], stream: TaskStream,
                 learner: Learner, backend: TimedBackend, scheduler: RolloutScheduler) -> None:
-    from tqdm import tqdm
-
     lock = backend.lock or contextlib.nullcontext()
     trained_before = groups_trained(run_dir) > 0  # by the steps a resumed run keeps
     untrained: list[GroupResult] = []  # the groups of the current streak of steps that trained nothing
     untrained_steps = all_equal = 0
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    bar, pace = progress_bar(config.steps, start, config.progress), Pace()
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
@@ -181,12 +180,14 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             last_refresh = [0.0]
 
             def on_rollout(result: RolloutResult) -> None:  # the bar shows this step's reward as rollouts end
+                pace.rollout_done()
                 if result.ok:
                     live.append(result.reward)
                 now = time.monotonic()
                 if live and now - last_refresh[0] > 0.5:
                     last_refresh[0] = now
-                    bar.set_postfix(reward=f"{statistics.fmean(live):.3f}", rollouts=len(live), refresh=True)
+                    bar.set_postfix(reward=f"{statistics.fmean(live):.3f}", rollouts=len(live), **pace.fields(),
+                                    refresh=True)
 
             groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step,
                                                 on_rollout=on_rollout)
@@ -236,6 +237,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                 "grad_norm": stats["grad_norm"], "logprob_abs_diff": stats.get("logprob_abs_diff", 0.0),
                 "prefix_mismatch": float(sum(r.prefix_mismatch for g in groups for r in g.rollouts)),
                 "peak_memory_mb": peak_memory_mb(learner.device),
+                **_tool_call_metrics(groups),
             })
             with (run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
@@ -244,6 +246,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                     for r in g.rollouts:
                         fh.write(json.dumps({"step": step, **r.dump(), "trained": r.rollout_id in batch.trained_ids},
                                             default=str) + "\n")
+            write_tokens(run_dir, step, batch.samples)
             limit = config.rollout.max_untrained_steps
             if untrained_steps and ((limit and untrained_steps >= limit) or (step == config.steps and not trained_before)):
                 if trained_before:  # keep what the earlier steps learned, resumable
@@ -254,8 +257,9 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(run_dir, step, learner, stream)
             failures = ",".join(f"{kind}:{n}" for kind, n in failure_counts(groups).most_common())
+            pace.step_done()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}",
-                            fail=failures or 0, **({} if batch.samples else {"trained": "nothing"}))
+                            fail=failures or 0, **({} if batch.samples else {"trained": "nothing"}), **pace.fields())
             bar.update(1)
             if not math.isfinite(metrics["loss"]):
                 raise RunError(f"step {step}: the loss is {metrics['loss']}; stopping (see {run_dir}/metrics.jsonl)")
@@ -270,6 +274,13 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
         bar.close()
 
 
+def _tool_call_metrics(groups: list[GroupResult]) -> dict[str, float]:
+    """Tool calls per rollout, when any rollout of the step made one (the dashboard's tools chart)."""
+    calls = [sum(len(m.get("tool_calls") or []) for m in r.messages if isinstance(m, dict))
+             for g in groups for r in g.rollouts]
+    return {"tools/calls_per_rollout": statistics.fmean(calls)} if any(calls) else {}
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `config` says; return the run directory."""
     with torch_threads(config):
@@ -282,17 +293,37 @@ USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, R
                LocalEnvError, ServeError)
 
 
+@contextlib.contextmanager
+def _dashboard(config: TrainConfig, port: int | None) -> Any:
+    if port is None:
+        yield
+        return
+    from trainer.commands.dashboard import serve_in_thread
+
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(serve_in_thread(Path(config.run_dir), port=port))
+        except OSError as exc:
+            raise RunError(f"--dashboard: {exc}") from None
+        print(f"openrft train: dashboard at {url}", file=sys.stderr, flush=True)
+        yield
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="openrft train", description="train a LoRA adapter with GRPO against remote envs")
     parser.add_argument("config", help="YAML or JSON config file (see trainer/config.py for every key)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set grpo.kl_coef=0.05 steps=20")
     parser.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest checkpoint")
+    parser.add_argument("--dashboard", nargs="?", type=int, const=8765, metavar="PORT",
+                        help="serve the live dashboard of this run on 127.0.0.1:PORT (default 8765) while it trains")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        run_dir = train(config, resume=args.resume)
+        with _dashboard(config, args.dashboard):
+            run_dir = train(config, resume=args.resume)
     except NothingTrained as exc:
         print(f"openrft train: nothing was trained: {exc}", file=sys.stderr)
         return 1
