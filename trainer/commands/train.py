@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from env_sdk import Task
 from trainer.commands.progress import Pace, progress_bar
 from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
+from trainer.commands.trackers import TrackerError, Trackers
 from trainer.config import (
     ConfigError,
     EnvEndpoint,
@@ -168,6 +169,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
     untrained: list[GroupResult] = []  # the groups of the current streak of steps that trained nothing
     untrained_steps = all_equal = 0
     bar, pace = progress_bar(config.steps, start, config.progress), Pace()
+    trackers = Trackers.open(config, run_dir)
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
@@ -241,6 +243,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             })
             with (run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
+            trackers.log(metrics)
             with (run_dir / "rollouts" / f"step_{step:06d}.jsonl").open("w") as fh:
                 for g in groups:
                     for r in g.rollouts:
@@ -272,6 +275,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                        "fix the env servers, then continue with --resume") from None
     finally:
         bar.close()
+        trackers.close()
 
 
 def _tool_call_metrics(groups: list[GroupResult]) -> dict[str, float]:
@@ -290,7 +294,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError,
-               LocalEnvError, ServeError)
+               LocalEnvError, ServeError, TrackerError)
 
 
 @contextlib.contextmanager
