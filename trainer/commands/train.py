@@ -9,8 +9,8 @@ each -> rewards -> advantages per group (groups with too few finished rollouts a
 whose rewards are all equal are skipped; both counted) -> the recorded tokens become training
 sequences -> one GRPO update -> metrics line, rollouts dump, maybe a checkpoint.
 
-Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl (+ .tokens.jsonl: what was
-trained, trainer/dashboard/tokens.py), checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).
+Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl, tokens/step_NNNNNN.jsonl (what
+was trained: trainer/dashboard/tokens.py), checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).
 `--resume` restores adapter, optimizer, RNG, step and data cursor from the newest checkpoint, drops
 metrics and dumps of the steps after it, and continues: no sample is trained twice and the data
 order goes on where it stopped. (Sampling noise itself is not replayed bit for bit.)

@@ -1,4 +1,4 @@
-"""The token dump: what each step trained, compactly (RUN_DIR/rollouts/step_NNNNNN.tokens.jsonl).
+"""The token dump: what each step trained, compactly (RUN_DIR/tokens/step_NNNNNN.jsonl).
 
 One line per trained sample: its rollout id, advantage, the token ids, the spans where the loss mask
 is 1 (`[start, end)` pairs) and the sampling logprob of each masked token, in order (4 decimals).
@@ -17,7 +17,7 @@ from trainer.types import Sample
 
 
 def tokens_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "rollouts" / f"step_{step:06d}.tokens.jsonl"
+    return run_dir / "tokens" / f"step_{step:06d}.jsonl"
 
 
 def compact(sample: Sample) -> dict[str, Any]:
@@ -37,7 +37,9 @@ def compact(sample: Sample) -> dict[str, Any]:
 
 
 def write_tokens(run_dir: Path, step: int, samples: Iterable[Sample]) -> None:
-    with tokens_path(run_dir, step).open("w") as fh:
+    path = tokens_path(run_dir, step)
+    path.parent.mkdir(exist_ok=True)
+    with path.open("w") as fh:
         for sample in samples:
             fh.write(json.dumps(compact(sample), separators=(",", ":")) + "\n")
 

@@ -58,7 +58,7 @@ def truncate_logs(run_dir: Path, step: int) -> None:
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
-    for dump in (run_dir / "rollouts").glob("step_*.jsonl"):
+    for dump in [*(run_dir / "rollouts").glob("step_*.jsonl"), *(run_dir / "tokens").glob("step_*.jsonl")]:
         if int(dump.stem.split("_")[1]) > step:
             dump.unlink()
 
