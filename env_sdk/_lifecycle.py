@@ -132,10 +132,13 @@ class EnvServer:
         return self._http
 
     def model_client(self, req: InitRequest) -> openai.AsyncOpenAI:
+        # the trainer's W3C trace context (metadata.traceparent) goes back on every model call
+        traceparent = (req.metadata.model_extra or {}).get("traceparent")
         return openai.AsyncOpenAI(
             base_url=req.model_base_url or MISSING_MODEL_URL,
             api_key=req.api_key or "EMPTY",
             http_client=self.http(),
+            default_headers={"traceparent": traceparent} if isinstance(traceparent, str) else None,
         )
 
     async def aclose(self) -> None:

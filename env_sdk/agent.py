@@ -33,6 +33,13 @@ class RolloutTask:
     task_metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def traceparent(self) -> str | None:
+        """The trainer's W3C trace context for this rollout (sent on each model call already); an agent
+        with OpenTelemetry spans of its own parents them on it."""
+        value = (self.metadata.model_extra or {}).get("traceparent")
+        return value if isinstance(value, str) else None
+
+    @property
     def model(self) -> str:
         return str(self.completion_params.get("model", "policy"))
 

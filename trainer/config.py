@@ -192,6 +192,13 @@ class TrackersConfig(_Section):
     mlflow_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
 
 
+class TraceConfig(_Section):
+    """OpenTelemetry traces from env step to trained token (trainer/traces.py; the `otel` extra)."""
+
+    enabled: bool = Field(default=False, description="spans to RUN_DIR/traces.jsonl (the dashboard's timeline)")
+    otlp_endpoint: str | None = Field(default=None, description="also export over OTLP/HTTP, e.g. http://host:4318/v1/traces")
+
+
 class TrainConfig(_Section):
     model: str = Field(description="local transformers model directory")
     dataset: str = Field(description="JSONL, one task a line")
@@ -234,6 +241,7 @@ class TrainConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="trackers that also get each step's metrics (the `trackers` extra)")
     trackers: TrackersConfig = Field(default_factory=TrackersConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
 
     @model_validator(mode="after")
     def _groups_fit(self) -> TrainConfig:

@@ -44,6 +44,7 @@ from trainer.config import (
     save_config,
 )
 from trainer.dashboard.tokens import write_tokens
+from trainer import traces
 from trainer.data import DatasetError, TaskStream, load_tasks
 from trainer.gateway.server import ServeError, serve_gateway
 from trainer.generation.factory import create_backend, sync_weights
@@ -131,6 +132,8 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
         truncate_logs(run_dir, start)
         if start >= config.steps:
             return run_dir
+        if config.trace.enabled:
+            traces.enable(run_dir, config.trace.otlp_endpoint)
 
         backend = TimedBackend(make_backend(config, learner))
         try:
@@ -151,6 +154,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
             backend.close()
         return run_dir
     finally:
+        traces.disable()
         await pool.aclose()
 
 
@@ -216,7 +220,9 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                 with lock:
                     return learner.train_step(batch.samples)
 
+            learn_ns = time.time_ns()
             stats = await asyncio.to_thread(learn)
+            traces.trained(step, batch.samples, start_ns=learn_ns, end_ns=time.time_ns())
             await sync_weights(backend, learner, run_dir, step)
             t_learn = time.perf_counter() - t1
             t_step = time.perf_counter() - t0
@@ -294,7 +300,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError,
-               LocalEnvError, ServeError, TrackerError)
+               LocalEnvError, ServeError, TrackerError, traces.TracingUnavailable)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -30,6 +31,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from env_sdk.models import RolloutMetadata, Status, StatusCode
+from trainer import traces
 from trainer.types import GenerationBackend
 from trainer.types import CallRecord, extends
 from trainer.gateway.tracing import LogRecordBody, TraceStore, add_tracing_routes, parse_log_record
@@ -195,7 +197,11 @@ class Gateway:
 
     async def _chat_completions(self, request: Request) -> Response:
         opened = self._authorize(request, request.path_params)
+        started_ns = time.time_ns()
         completion = await self.completer.complete(await read_json(request))
+        traces.model_call(request.headers.get("traceparent"), request.path_params["rollout_id"],
+                           prompt_tokens=len(completion.prompt_ids), start_ns=started_ns, end_ns=time.time_ns(),
+                           completion_tokens=sum(len(c.completion_ids) for c in completion.choices))
         if self._open.get(request.path_params["rollout_id"]) is opened:  # not closed while generating
             self._record(opened, completion)
         return completion_response(completion)

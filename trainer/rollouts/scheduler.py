@@ -37,6 +37,7 @@ from env_sdk import (
     ServerError,
 )
 from env_sdk.models import InitRequest, RolloutMetadata, Status, StatusCode, StatusResponse, Task
+from trainer import traces
 from trainer.rollouts.endpoints import ModelEndpoint
 from trainer.rollouts.pool import BUSY_FOR_S, EnvPool, EnvSlot
 from trainer.rollouts.rewards import TrainerEvaluator, ScoreInvalid, score_rollout
@@ -184,8 +185,10 @@ class RolloutScheduler:
         return RolloutResult(rid, group, task_index, last.status, env_url=slot.url, attempts=attempt + 1)
 
     def _metadata(self, rid: str, task_index: int) -> RolloutMetadata:
+        traceparent = traces.start_rollout(rid)  # None when tracing is off: no extra field at all
         return RolloutMetadata(invocation_id=self.run_id, experiment_id=self.experiment_id, rollout_id=rid,
-                               run_id=self.run_id, row_id=str(task_index))
+                               run_id=self.run_id, row_id=str(task_index),
+                               **({"traceparent": traceparent} if traceparent else {}))
 
     async def _attempt(self, task: Task, rid: str, slot: EnvSlot, *, task_index: int, group: int) -> RolloutResult:
         metadata = self._metadata(rid, task_index)
@@ -201,11 +204,13 @@ class RolloutScheduler:
             task_metadata=task.metadata or None,
         )
         slot.in_flight += 1
+        status = None
         try:
             status = await self._start_and_wait(request, slot)
         finally:
             slot.in_flight -= 1
             calls, mismatch = self.endpoint.close(rid)
+            traces.end_rollout(rid, status.status.code if status and status.status else -1)
         result = RolloutResult(rid, group, task_index, status.status or Status.finished(), calls=calls,
                                prefix_mismatch=mismatch, env_url=slot.url, info=dict(status.info or {}),
                                termination_reason=status.termination_reason, metrics=dict(status.metrics or {}))
