@@ -55,11 +55,11 @@ class InitBatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def init(self, rid: str, body: bytes) -> InitResponse:
+    async def init(self, rid: str, body: bytes, traceparent: str | None = None) -> InitResponse:
         if self.supported is None:
             await self._ask_capabilities()
         if not self.supported or len(body) > INIT_BATCH_MAX_BYTES:
-            return await self.client._init_one(rid, body)
+            return await self.client._init_one(rid, body, traceparent)
         item = _PendingInit(rid, body, asyncio.get_running_loop().create_future())
         self._enqueue(item)
         return await item.future

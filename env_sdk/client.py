@@ -115,9 +115,11 @@ class EnvClient:
     # --- transport ------------------------------------------------------------------------
 
     async def _send(self, method: str, path: str, params: dict[str, Any] | None, content: bytes | None,
-                    timeout: httpx.Timeout) -> httpx.Response:
+                    timeout: httpx.Timeout, extra_headers: dict[str, str] | None = None) -> httpx.Response:
         """One attempt: the 2xx/3xx answer; Retryable for a retryable outcome; EnvHTTPError for the rest."""
         headers = _JSON if content is not None else None
+        if extra_headers:
+            headers = {**(headers or {}), **extra_headers}
         try:
             async with self._slots:
                 resp = await self._http.request(method, path, params=params, content=content, headers=headers,
@@ -131,16 +133,18 @@ class EnvClient:
         return resp
 
     async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-                       content: bytes | None = None, wait_s: float = 0.0) -> httpx.Response:
+                       content: bytes | None = None, wait_s: float = 0.0,
+                       headers: dict[str, str] | None = None) -> httpx.Response:
         """One request with retries (`env_sdk._retry`). The first attempt is a plain await: the
         retry machinery is set up only for a request that failed once."""
         timeout = self._timeout if wait_s == 0 else httpx.Timeout(self.timeout + wait_s, pool=None)
         try:
-            return await self._send(method, path, params, content, timeout)
+            return await self._send(method, path, params, content, timeout, headers)
         except Retryable as first:
             failure = first
         try:
-            return await retry(lambda: self._send(method, path, params, content, timeout), failure, self.max_retries)
+            return await retry(lambda: self._send(method, path, params, content, timeout, headers), failure,
+                               self.max_retries)
         except Retryable as last:
             raise last.final(method, f"{self.base_url}{path}", self.max_retries + 1) from last.exc
 
@@ -161,11 +165,16 @@ class EnvClient:
         Against a server that advertises `init_batch` (GET /version, asked once), the inits of
         rollouts started in the same event-loop turn (a GRPO group, the rollouts that follow a burst
         of finishes) travel together as one `POST /init/batch`; each still ends as its own `/init`
-        would (started, or the same error after the same retries). Others get one `POST /init` each."""
-        return await self._inits.init(request.metadata.rollout_id, request.model_dump_json(exclude_none=True).encode())
+        would (started, or the same error after the same retries). Others get one `POST /init` each.
 
-    async def _init_one(self, rid: str, body: bytes) -> InitResponse:
-        resp = await self._request("POST", "/init", content=body)
+        A W3C `metadata.traceparent` also goes as the `traceparent` header of a lone `POST /init`."""
+        traceparent = (request.metadata.model_extra or {}).get("traceparent")
+        return await self._inits.init(request.metadata.rollout_id, request.model_dump_json(exclude_none=True).encode(),
+                                      traceparent if isinstance(traceparent, str) else None)
+
+    async def _init_one(self, rid: str, body: bytes, traceparent: str | None = None) -> InitResponse:
+        resp = await self._request("POST", "/init", content=body,
+                                   headers={"traceparent": traceparent} if traceparent else None)
         # Any 2xx means started: eval-protocol-era servers answer with bodies of their own (or none).
         try:
             answer = resp.json()

@@ -14,9 +14,10 @@ from typing import Any
 
 import openai
 import pytest
+from fastapi import FastAPI, Request
 
-from env_sdk import AgentResult, RolloutTask, create_env_app
-from tests.helpers import serve_app
+from env_sdk import AgentResult, EnvClient, RolloutTask, create_env_app
+from tests.helpers import init_request, serve_app
 from tests.test_train_e2e import tiny_model, write_config  # noqa: F401 (fixture)
 from trainer.commands.train import main
 from trainer.dashboard import RunsDir
@@ -88,3 +89,24 @@ def test_tracing_off_sends_nothing_and_writes_nothing(tmp_path: Path, tiny_model
         assert main([str(write_config(tmp_path, tiny_model, env_url, steps=1))]) == 0
     assert SEEN_TRACEPARENT and set(SEEN_TRACEPARENT) == {None}
     assert not (tmp_path / "run" / "traces.jsonl").exists()
+
+
+async def test_a_lone_init_carries_the_traceparent_header_and_metadata() -> None:
+    """A server without /init/batch (an eval-protocol one, say) gets the header as well as the field."""
+    seen: list[tuple[str | None, Any]] = []
+    app = FastAPI()
+
+    @app.post("/init")
+    async def init(request: Request) -> dict[str, str]:
+        body = await request.json()
+        seen.append((request.headers.get("traceparent"), body["metadata"].get("traceparent")))
+        return {"status": "accepted", "rollout_id": body["metadata"]["rollout_id"]}
+
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    request = init_request("r1")
+    request.metadata = request.metadata.model_copy(update={"traceparent": traceparent})
+    with serve_app(app) as url:
+        async with EnvClient(url) as client:
+            await client.init(request)
+            await client.init(init_request("r2"))  # tracing off: neither
+    assert seen == [(traceparent, traceparent), (None, None)]
