@@ -7,6 +7,7 @@ $OPENRFT_DASHBOARD_SCREENSHOT when set: that is how docs/dashboard.png is made).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import itertools
@@ -25,6 +26,7 @@ from tests.helpers import free_port, serve_app
 from tests.test_train_e2e import write_config
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+TRACES = importlib.util.find_spec("opentelemetry.sdk") is not None  # the `otel` extra: the timeline too
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="needs Debian's chromium and chromium-driver (`make install` as root installs them)")
 
@@ -57,7 +59,7 @@ def _browser() -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1500"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2000"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(DRIVER), options=options)
 
@@ -79,8 +81,10 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model")
     port = free_port()
     with serve_app(create_env_app(two_turn_agent)) as env_url:
-        config = write_config(tmp_path, model, env_url, steps=5, progress=True, checkpoint_every=100)
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(config), "--dashboard", str(port)],
+        config = write_config(tmp_path, model, env_url, steps=5, progress=True, checkpoint_every=100,
+                              trace={"enabled": TRACES}, run_dir=str(tmp_path / "runs" / "lr-1e-2"))
+        train = [sys.executable, "-m", "trainer.cli", "train", str(config)]
+        proc = subprocess.Popen([*train, "--dashboard", str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "COLUMNS": "200"})
         browser = _browser()
@@ -108,17 +112,28 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path: Path) -> None:
             GATES[5].set()
             stdout, stderr = proc.communicate(timeout=120)
             assert proc.returncode == 0, stderr[-2000:]
-            # the finished run through `openrft dashboard`: every step, and the tokens a trained rollout gave
-            viewer = subprocess.Popen([sys.executable, "-m", "trainer.cli", "dashboard", str(tmp_path / "run"),
+            # a second, shorter run to compare with
+            subprocess.run([*train, "--set", f"run_dir={tmp_path / 'runs' / 'lr-1e-3'}", "optim.lr=1e-3", "steps=2",
+                            "progress=false"], check=True, capture_output=True, timeout=120)
+            # the finished runs through `openrft dashboard`: both on the same axes, every step
+            viewer = subprocess.Popen([sys.executable, "-m", "trainer.cli", "dashboard", str(tmp_path / "runs"),
                                        "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             _wait("`openrft dashboard` to listen", lambda: _get_ok(url), timeout=30)
             browser.get(url)
-            _wait("all 5 steps on the reward curve", lambda: points() == 5)
+            _wait("the run picker", lambda: browser.execute_script(
+                "const boxes = [...document.querySelectorAll('#runs input')];"
+                "if (boxes.length !== 2) return false; boxes.filter(b => !b.checked).forEach(b => b.click()); return true;"))
+            series = lambda: browser.find_element(By.ID, "chart-reward").get_attribute("data-series")
+            _wait("both runs on the reward chart", lambda: series() == "2" and points() == 5)  # lr-1e-2's 5 steps
             _wait("a trained rollout to click", lambda: browser.execute_script(
                 "const row = [...document.querySelectorAll('tr.rollout-row')].find(r => r.cells[6].textContent === 'yes');"
                 "if (row) row.click(); return !!row;"))
             trained = _wait("trained tokens", lambda: browser.find_elements(By.CSS_SELECTOR, ".tokens .tok.trained"))
             assert "logprob" in trained[0].get_attribute("title")
+            if TRACES:  # the rollout's trace as a timeline: rollout, its two model calls, the trained sample
+                bars = _wait("the trace timeline", lambda: browser.execute_script(
+                    "return [...document.querySelectorAll('#trace .span-label')].map(b => b.textContent);"))
+                assert [b.split()[0] for b in bars].count("gateway.chat_completion") == 2 and len(bars) >= 4, bars
             browser.save_screenshot(str(tmp_path / "dashboard.png"))
         finally:
             browser.quit()

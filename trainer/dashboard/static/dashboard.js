@@ -118,6 +118,7 @@ function drawChart(id, title, spec) {
     state.charts[id] = { signature, plot: new uPlot(opts, data, box.querySelector(".plot")) };
   }
   box.dataset.points = String(points);
+  box.dataset.series = String(series.length);
 }
 
 function tick(v) {
@@ -258,8 +259,9 @@ function drawTrace(spans) {
     const left = (100 * (s.start_ns - t0)) / total;
     const width = Math.max(0.3, (100 * (s.end_ns - s.start_ns)) / total);
     const attrs = Object.entries(s.attributes || {}).map(([k, v]) => `${k}=${v}`).join(" ");
-    return `<div class="span-row" title="${esc(attrs)}"><div class="span-bar" style="left:${left}%;width:${width}%">` +
-      `${esc(s.name)} ${((s.end_ns - s.start_ns) / 1e6).toFixed(1)} ms</div></div>`;
+    return `<div class="span-row" title="${esc(attrs)}"><div class="span-label">${esc(s.name)} ` +
+      `<span class="muted">${((s.end_ns - s.start_ns) / 1e6).toFixed(1)} ms</span></div>` +
+      `<div class="span-track"><div class="span-bar" style="left:${left}%;width:${width}%"></div></div></div>`;
   }).join("");
 }
 
