@@ -4,7 +4,8 @@ span of its own (`env.step`) under the `traceparent` the trainer sent in /init, 
 with that span's context; a second call relies on the SDK's client, which forwards the rollout's.
 The trainer's spans (RUN_DIR/traces.jsonl) must chain: rollout -> env.step -> gateway.chat_completion,
 rollout -> gateway.chat_completion, and rollout -> train.sample carrying the advantage that the token
-dump says was trained. With tracing off (the default) the env sees no traceparent and no file is written."""
+dump says was trained; the same spans reach an OTLP/HTTP receiver on loopback. With tracing off (the
+default) the env sees no traceparent and no file is written."""
 
 from __future__ import annotations
 
@@ -53,8 +54,20 @@ async def traced_agent(task: RolloutTask, client: openai.AsyncOpenAI) -> AgentRe
 
 
 def test_env_step_gateway_call_and_trained_sample_share_one_trace(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
-    with serve_app(create_env_app(traced_agent)) as env_url:
-        config = write_config(tmp_path, tiny_model, env_url, steps=2, trace={"enabled": True})
+    collector, exported = FastAPI(), []  # an OTLP/HTTP receiver on loopback
+
+    @collector.post("/v1/traces")
+    async def receive(request: Request) -> dict[str, Any]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.body())
+        exported.extend(s.name for r in message.resource_spans for ss in r.scope_spans for s in ss.spans)
+        return {}
+
+    with serve_app(create_env_app(traced_agent)) as env_url, serve_app(collector) as otlp:
+        config = write_config(tmp_path, tiny_model, env_url, steps=2,
+                              trace={"enabled": True, "otlp_endpoint": f"{otlp}/v1/traces"})
         assert main([str(config)]) == 0
     run = tmp_path / "run"
     spans = [json.loads(line) for line in (run / "traces.jsonl").read_text().splitlines()]
@@ -81,6 +94,8 @@ def test_env_step_gateway_call_and_trained_sample_share_one_trace(tmp_path: Path
         # the dashboard's timeline of this rollout holds the whole chain
         names = [s["name"] for s in RunsDir(run).trace(".", rid)]
         assert names.count("gateway.chat_completion") == 2 and "train.sample" in names and names[0] == "rollout"
+    # the same spans went to the OTLP collector
+    assert sorted(exported) == sorted(s["name"] for s in spans)
 
 
 def test_tracing_off_sends_nothing_and_writes_nothing(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811

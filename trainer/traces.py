@@ -63,8 +63,10 @@ def enable(run_dir: Path, otlp_endpoint: str | None = None) -> None:
     _provider = TracerProvider(resource=Resource.create({"service.name": "openrft-trainer"}))
     _provider.add_span_processor(BatchSpanProcessor(_exporter(run_dir / "traces.jsonl")))
     if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise TracingUnavailable(f"trace.otlp_endpoint needs the OTLP exporter: pip install 'openrft[otel]' ({exc})") from None
         _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     _tracer = _provider.get_tracer("openrft")
 

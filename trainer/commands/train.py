@@ -317,7 +317,11 @@ def _dashboard(config: TrainConfig, port: int | None) -> Any:
         except OSError as exc:
             raise RunError(f"--dashboard: {exc}") from None
         print(f"openrft train: dashboard at {url}", file=sys.stderr, flush=True)
-        yield
+        try:
+            yield
+        finally:
+            print(f"openrft train: dashboard stopped; `openrft dashboard {config.run_dir}` shows the run",
+                  file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
