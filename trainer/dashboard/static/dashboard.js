@@ -4,13 +4,13 @@
 
 const POLL_MS = 1500;
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
-// [chart id, title, metric keys (a key ending in "/" takes every metric under it)]
+// [chart id, title, metric keys (a key ending in "/" takes every metric under it), keys when runs are compared]
 const CHARTS = [
   ["reward", "Reward (mean)", ["reward/mean"]],
   ["pass_rate", "Pass rate", ["pass_rate"]],
   ["kl", "KL to the base model", ["kl"]],
   ["loss", "Loss", ["loss"]],
-  ["timings", "Step timings (s)", ["time/"]],
+  ["timings", "Step timings (s)", ["time/"], ["time/step"]],
   ["failures", "Failures by kind", ["failures/"]],
   ["tools", "Tool calls per rollout", ["tools/"]],
   ["throughput", "Tokens per second", ["tokens_per_s"]],
@@ -89,8 +89,8 @@ function chartData(keys) {
   return { data, series };
 }
 
-function drawChart(id, title, spec) {
-  const keys = keysFor(spec);
+function drawChart(id, title, spec, compareSpec) {
+  const keys = keysFor(state.selected.length > 1 && compareSpec ? compareSpec : spec);
   const box = document.getElementById(`chart-${id}`);
   const { data, series } = chartData(keys);
   const points = series.length ? data[1].filter((v) => v !== null).length : 0;
@@ -136,7 +136,7 @@ function rebuildCharts() {
 }
 
 function drawCharts() {
-  for (const [id, title, spec] of CHARTS) drawChart(id, title, spec);
+  for (const [id, title, spec, compareSpec] of CHARTS) drawChart(id, title, spec, compareSpec);
 }
 
 // --- evaluations --------------------------------------------------------------------------------
