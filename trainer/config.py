@@ -119,6 +119,17 @@ class GrpoConfig(_Section):
     )
 
 
+class LearnerConfig(_Section):
+    """The learner's ranks when launched data-parallel (`openrft train --nproc N` or torchrun)."""
+
+    timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="how long a rank waits for the others in a collective (the step's samples, the gradient "
+        "sum) before the run stops with an error: a dead or hung rank ends the run, never hangs it. It covers "
+        "rank 0's rollouts of a step, so keep it above the longest step",
+    )
+
+
 class RolloutConfig(_Section):
     deadline_s: float = Field(default=300.0, gt=0, description="per rollout; cancelled after it")
     max_retries: int = Field(default=2, ge=0, description="re-tries of a rollout after a retryable error")
@@ -214,6 +225,7 @@ class TrainConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

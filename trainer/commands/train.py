@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ from trainer.generation.factory import create_backend, sync_weights
 from trainer.generation.timed import TimedBackend
 from trainer.generation.vllm_servers import VLLMError
 from trainer.learning.batch import build_batch, reward_metrics
+from trainer.learning import distributed
 from trainer.learning.checkpoints import (
     STATE_FILE,
     checkpoint_dir,
@@ -129,6 +131,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
             stream.load_state_dict(state["data"])
             start = int(state["step"])
             logger.warning("resuming %s from step %d", run_dir, start)
+        distributed.join(learner)  # the other learner ranks, if any, take rank 0's weights and optimizer
         truncate_logs(run_dir, start)
         if start >= config.steps:
             return run_dir
@@ -293,14 +296,24 @@ def _tool_call_metrics(groups: list[GroupResult]) -> dict[str, float]:
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `config` says; return the run directory."""
-    with torch_threads(config):
-        # config.envs stays as written (config.yaml keeps `module:` entries); the pool gets their URLs
-        with local_envs(config.envs, log_dir=Path(config.run_dir) / "env_logs") as envs:
-            return asyncio.run(_train(config, resume, envs))
+    with torch_threads(config), distributed.launched(config) as ranks:
+        if ranks is not None and ranks.rank > 0:  # a learner rank: rank 0 runs the rest
+            distributed.follow(config, ranks)
+            return Path(config.run_dir)
+        try:
+            # config.envs stays as written (config.yaml keeps `module:` entries); the pool gets their URLs
+            with local_envs(config.envs, log_dir=Path(config.run_dir) / "env_logs") as envs:
+                return asyncio.run(_train(config, resume, envs))
+        except distributed.RankLost as exc:
+            ckpt = latest_checkpoint(Path(config.run_dir))
+            raise distributed.RankLost(f"{exc}. " + (f"The newest checkpoint is {ckpt}: fix the cause, then relaunch "
+                                                     "with --resume (any number of ranks)" if ckpt else
+                                                     "No checkpoint was written yet")) from None
 
 
 USER_ERRORS = (ConfigError, DatasetError, EnvsUnreachable, EvaluatorLoadError, RunError, FileNotFoundError, VLLMError,
-               LocalEnvError, ServeError, TrackerError, traces.TracingUnavailable)
+               LocalEnvError, ServeError, TrackerError, traces.TracingUnavailable,
+               distributed.RankLost)
 
 
 @contextlib.contextmanager
@@ -332,11 +345,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest checkpoint")
     parser.add_argument("--dashboard", nargs="?", type=int, const=8765, metavar="PORT",
                         help="serve the live dashboard of this run on 127.0.0.1:PORT (default 8765) while it trains")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="learner ranks on this node: relaunches itself under torchrun (see docs/scale.md)")
     args = parser.parse_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.relaunch(args.nproc, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        with _dashboard(config, args.dashboard):
+        with _dashboard(config, args.dashboard if os.environ.get("RANK", "0") == "0" else None):
             run_dir = train(config, resume=args.resume)
     except NothingTrained as exc:
         print(f"openrft train: nothing was trained: {exc}", file=sys.stderr)
@@ -347,5 +364,6 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("openrft train: interrupted", file=sys.stderr)
         return 130
-    print(f"run directory: {run_dir}\nadapter: {run_dir / 'adapter'}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run directory: {run_dir}\nadapter: {run_dir / 'adapter'}")
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils.checkpoint
@@ -22,6 +22,9 @@ from trainer.config import GrpoConfig, LoraConfig, OptimConfig, TrainConfig
 from trainer.learning.grpo import policy_loss, sequence_weights
 from trainer.learning.prefix import MicroBatch, PrefixCache, PrefixWriter, plan_prefix_runs
 from trainer.types import Sample
+
+if TYPE_CHECKING:
+    from trainer.learning.distributed import Ranks
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -101,6 +104,7 @@ class Learner:
             foreach=True,
         )
         self.max_grad_norm = optim.max_grad_norm
+        self.ranks: Ranks | None = None  # set when the learner is data-parallel (learning/distributed.py)
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Learner:
@@ -269,11 +273,15 @@ class Learner:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One GRPO update (grpo.epochs optimizer steps) on one step's samples."""
         samples = [s for s in samples if s.num_loss_tokens > 0]
+        if self.ranks is not None:
+            self.ranks.share(samples)
         if not samples:
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "tokens": 0.0}
         g = self.grpo
         counts = [sum(s.loss_mask[1:]) for s in samples]
-        weights = sequence_weights(counts, g.loss_agg, self.max_tokens)
+        weights = sequence_weights(counts, g.loss_agg, self.max_tokens)  # over the whole step, on every rank
+        if self.ranks is not None:
+            samples, weights = self.ranks.shard(samples, weights)
         batches = self._micro_batches(samples, weights)
 
         ref: list[torch.Tensor | None] = [None] * len(batches)
@@ -289,6 +297,8 @@ class Learner:
             for epoch in range(g.epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, totals = self._backward(batches, ref)
+                if self.ranks is not None:
+                    loss, totals = self.ranks.reduce(params, loss, totals)
                 first = first or totals
                 clipped += totals["clipped"]
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))

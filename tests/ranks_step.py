@@ -1,0 +1,90 @@
+"""One learner step under torchrun, for tests/test_learner_ranks_equal_one_process.py:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.ranks_step MODEL_DIR OUT_DIR
+
+Every rank builds the tiny learner; rank 0 sets the LoRA weights (`init_lora`) and hands them over
+(`distributed.join`), then one `train_step` on `make_samples()` runs on both ranks, once per case:
+token_mean and seq_mean_token_mean with the gradient sum, and token_mean with `Ranks.reduce`
+replaced by a no-op (what each rank would learn alone). Each rank writes its LoRA weights per case to
+OUT_DIR/rank{R}.pt. The test runs the same step in one process and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig, load_config
+from trainer.learning import distributed
+from trainer.learning.learner import Learner
+from trainer.types import Sample
+
+CASES = [("token_mean", True), ("seq_mean_token_mean", True), ("token_mean", False)]
+
+
+def make_config(model_dir: str | Path, loss_agg: str) -> TrainConfig:
+    return load_config(None, defaults={
+        "model": str(model_dir), "dataset": "unused.jsonl", "envs": [{"url": "http://127.0.0.1:9"}],
+        "device": "cpu", "dtype": "float32", "sampling": {"max_tokens": 12},
+        "optim": {"lr": 0.01}, "lora": {"rank": 4, "alpha": 8},
+        "grpo": {"loss_agg": loss_agg, "micro_batch_size": 3, "kl_coef": 0.05}, "learner": {"timeout_s": 60},
+    })
+
+
+def init_lora(learner: Learner) -> None:
+    """Non-zero LoRA A and B (peft starts B at 0, which leaves A without a gradient on the first step)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def make_samples(vocab: int) -> list[Sample]:
+    """3 GRPO groups of 4: a shared prompt each, completions of different lengths, mixed advantages."""
+    rng = random.Random(0)
+    samples = []
+    for g in range(3):
+        prompt = [rng.randrange(5, vocab) for _ in range(6 + 2 * g)]
+        for k in range(4):
+            n = 3 + (g * 4 + k) % 7
+            samples.append(Sample(prompt + [rng.randrange(5, vocab) for _ in range(n)], [0] * len(prompt) + [1] * n,
+                                  [0.0] * len(prompt) + [rng.uniform(-6, -2) for _ in range(n)],
+                                  advantage=rng.uniform(-1, 1)))
+    return samples
+
+
+def lora_state(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    results: dict[str, Any] = {}
+    config = make_config(model_dir, "token_mean")
+    with distributed.launched(config) as ranks:
+        assert ranks is not None and ranks.world_size == 2
+        learner = Learner.from_config(config)
+        fresh = copy.deepcopy(learner.optimizer.state_dict())
+        for agg, reduce in CASES:
+            learner.grpo = learner.grpo.model_copy(update={"loss_agg": agg})
+            if not reduce:  # the negative control: each rank keeps its own gradient
+                ranks.reduce = lambda params, loss, totals: (loss, totals)  # type: ignore[method-assign]
+            if ranks.rank == 0:
+                init_lora(learner)
+                learner.optimizer.load_state_dict(fresh)
+                distributed.join(learner)  # the other rank takes these weights and optimizer state
+                learner.train_step(make_samples(learner.model.config.vocab_size))
+                ranks.stop()  # this case is over
+            else:
+                ranks.follow(learner)
+            results[f"{agg}/{'sum' if reduce else 'alone'}"] = lora_state(learner)
+        torch.save(results, Path(out_dir) / f"rank{ranks.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
