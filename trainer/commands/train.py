@@ -304,7 +304,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             # config.envs stays as written (config.yaml keeps `module:` entries); the pool gets their URLs
             with local_envs(config.envs, log_dir=Path(config.run_dir) / "env_logs") as envs:
                 return asyncio.run(_train(config, resume, envs))
-        except distributed.RankLost as exc:
+        except (distributed.RankLost, distributed.Terminated) as exc:
             ckpt = latest_checkpoint(Path(config.run_dir))
             raise distributed.RankLost(f"{exc}. " + (f"The newest checkpoint is {ckpt}: fix the cause, then relaunch "
                                                      "with --resume (any number of ranks)" if ckpt else

@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -154,8 +155,38 @@ class Ranks:
             op(*args, **kwargs)
         except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
             self.lost = True
+            why = re.sub(r"^\[[^\]]*\] ", "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise RankLost(f"rank {self.rank}/{self.world_size}: a learner rank is gone or hung "
-                           f"(learner.timeout_s={self.timeout_s:g}): {str(exc).splitlines()[0]}") from None
+                           f"(learner.timeout_s={self.timeout_s:g}): {why}") from None
+
+
+STOP_GRACE_S = 10.0  # torchrun sends SIGKILL 30 s after SIGTERM
+
+
+def _exit_later(rank: int, world: int, run_dir: str) -> None:
+    """After SIGTERM the run unwinds (servers stopped, clear error); should something block that (a thread
+    in a collective with a rank that is gone), print where and exit anyway before torchrun's SIGKILL.
+    Servers the trainer started die with it (PR_SET_PDEATHSIG)."""
+    import faulthandler
+    import sys
+    import threading
+    from pathlib import Path
+
+    from trainer.learning.checkpoints import latest_checkpoint
+
+    def give_up() -> None:
+        print(f"rank {rank}/{world}: stopping took over {STOP_GRACE_S:g} s; where each thread was:", file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr)
+        ckpt = latest_checkpoint(Path(run_dir))
+        hint = (f"The newest checkpoint is {ckpt}: fix the cause, then relaunch with --resume (any number of ranks)"
+                if ckpt else "No checkpoint was written yet")
+        print(f"openrft train: error: rank {rank}/{world} stopped by the launcher (SIGTERM): another learner rank "
+              f"failed. {hint}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(STOP_GRACE_S, give_up)
+    timer.daemon = True  # a run that stops in time exits without waiting for it
+    timer.start()
 
 
 def active() -> Ranks | None:
@@ -179,16 +210,19 @@ def launched(config: TrainConfig) -> Iterator[Ranks | None]:
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=config.learner.timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    ranks = _active = Ranks(rank, world, config.learner.timeout_s)
 
     def terminated(signum: int, frame: Any) -> None:
+        _exit_later(rank, world, config.run_dir)
+        if ranks.lost:  # already stopping with RankLost: let that finish
+            return
+        ranks.lost = True
         raise Terminated(f"rank {rank}/{world} stopped by the launcher (SIGTERM): another learner rank failed")
 
     before = signal.signal(signal.SIGTERM, terminated)
-    ranks = _active = Ranks(rank, world, config.learner.timeout_s)
     try:
         yield ranks
     except Terminated as exc:
-        ranks.lost = True
         raise RankLost(str(exc)) from None
     finally:
         _active = None
@@ -220,8 +254,16 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     import subprocess
     import sys
 
+    rest, skip = [], False
+    for arg in argv:  # the ranks run the same command less --nproc (torchrun would take it for its own option)
+        if skip or arg.startswith("--nproc="):
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        else:
+            rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "trainer.cli", "train", *argv]
+           "--max-restarts=0", "-m", "trainer.cli", "train", *rest]
     code = subprocess.call(cmd)
     if code:
         print(f"openrft train: error: the run's {nproc} ranks stopped (torchrun exit code {code}; rank 0's error "

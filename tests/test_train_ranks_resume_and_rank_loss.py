@@ -1,0 +1,100 @@
+"""`openrft train --nproc 2` (torchrun, gloo on CPU, real processes, a real env server on loopback):
+a run started with one process resumes under two ranks (world size 1 -> 2); then learner rank 1 is
+SIGKILLed during step 3, and the run ends within a bounded time with a clear error naming the newest
+checkpoint, its env servers stopped, never a hang; the run then resumes from that checkpoint with one
+process (2 -> 1) and finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from env_sdk import AgentResult, RolloutTask, create_env_app
+from tests.helpers import serve_app
+from trainer.commands.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def vowel_agent(task: RolloutTask, client: Any) -> AgentResult:
+    """One model call; reward = fraction of vowels in the reply (continuous: groups rarely tie)."""
+    reply = await client.chat.completions.create(messages=task.messages, **task.completion_kwargs())
+    text = reply.choices[0].message.content or ""
+    return AgentResult(reward=sum(c in "aeiou" for c in text) / max(1, len(text)),
+                       messages=[*task.messages, {"role": "assistant", "content": text}], termination_reason="stop")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_process(root: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in root.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == rank and "LOCAL_RANK" in child.environ():
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_resume_from_one_to_two_ranks_then_a_killed_rank_ends_the_run(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {i}"}]} for i in range(8)]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with serve_app(create_env_app(vowel_agent)) as env_url:
+        config = {"model": str(tiny_model), "dataset": str(tmp_path / "tasks.jsonl"), "envs": [{"url": env_url}],
+                  "steps": 1, "tasks_per_step": 2, "group_size": 4, "sampling": {"max_tokens": 12},
+                  "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2}, "rollout": {"deadline_s": 60},
+                  "learner": {"timeout_s": 60}, "checkpoint_every": 1, "seed": 7, "device": "cpu",
+                  "run_dir": str(tmp_path / "run"), "progress": False}
+        cfg = tmp_path / "train.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        run_dir = tmp_path / "run"
+        assert main([str(cfg)]) == 0  # step 1: one process
+
+        # steps 2-3 under two ranks; rank 1 is killed once step 2's checkpoint is written
+        log = tmp_path / "ranks.log"
+        proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--resume", "--nproc", "2",
+                                 "--set", "steps=3"], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while not (run_dir / "checkpoints" / "step_000002" / "trainer_state.pt").is_file():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.05)
+            rank1 = rank_process(psutil.Process(proc.pid), "1")
+            assert rank1 is not None, "no process with RANK=1 under the launcher"
+            rank1.kill()
+            killed = time.monotonic()
+            code = proc.wait(timeout=60)  # bounded: a dead rank never hangs the run
+            took = time.monotonic() - killed
+        finally:
+            proc.kill()
+        out = log.read_text()
+        assert code != 0, out
+        assert "openrft train: error: rank 0/2" in out, out[-4000:]
+        assert f"The newest checkpoint is {run_dir / 'checkpoints' / 'step_000002'}" in out, out[-4000:]
+        assert "the run's 2 ranks stopped" in out
+        assert took < 45, took
+        assert steps_logged(run_dir) == [1, 2]  # step 2 trained by two ranks from a one-rank checkpoint
+        assert not (run_dir / "checkpoints" / "step_000003").exists()
+
+        # back to one process, from step 2's checkpoint
+        assert main([str(cfg), "--resume", "--set", "steps=3"]) == 0
+        assert steps_logged(run_dir) == [1, 2, 3]
