@@ -135,8 +135,8 @@ def test_learner_memory_runs_every_configuration(capsys: pytest.CaptureFixture[s
 
     assert learner_memory.main(["--model", "tiny", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("RATIOS vs glibc without checkpointing: ")
+    assert lines[-1].startswith("RATIOS vs glibc without checkpointing at 1 rank(s) ")
     assert "glibc+ckpt: peak=" in lines[-1]
     assert ("jemalloc+ckpt: peak=" in lines[-1]) == (find_jemalloc() is not None)
-    glibc = next(x for x in lines if x.startswith("glibc     false")).split()
+    glibc = next(x for x in lines if x.startswith("    1 glibc     false")).split()[1:]
     assert float(glibc[3]) > float(glibc[2]) > 100  # peak over the loaded model, which holds torch at least

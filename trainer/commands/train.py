@@ -51,8 +51,8 @@ from trainer.gateway.server import ServeError, serve_gateway
 from trainer.generation.factory import create_backend, sync_weights
 from trainer.generation.timed import TimedBackend
 from trainer.generation.vllm_servers import VLLMError
-from trainer.learning.batch import build_batch, reward_metrics
 from trainer.learning import distributed
+from trainer.learning.batch import build_batch, reward_metrics
 from trainer.learning.checkpoints import (
     STATE_FILE,
     checkpoint_dir,

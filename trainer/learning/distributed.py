@@ -208,6 +208,9 @@ def launched(config: TrainConfig) -> Iterator[Ranks | None]:
     cuda = config.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
+    elif config.threads is None:  # CPU ranks of one node share its cores (torch_threads took one less than all)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // local))
     timeout = datetime.timedelta(seconds=config.learner.timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     ranks = _active = Ranks(rank, world, config.learner.timeout_s)

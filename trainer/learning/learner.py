@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils.checkpoint
@@ -22,9 +22,6 @@ from trainer.config import GrpoConfig, LoraConfig, OptimConfig, TrainConfig
 from trainer.learning.grpo import policy_loss, sequence_weights
 from trainer.learning.prefix import MicroBatch, PrefixCache, PrefixWriter, plan_prefix_runs
 from trainer.types import Sample
-
-if TYPE_CHECKING:
-    from trainer.learning.distributed import Ranks
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -49,6 +46,15 @@ def resolve_attn_implementation(choice: str, device: str, dtype: torch.dtype) ->
     if choice == "auto":
         return "eager" if device == "cpu" and dtype == torch.bfloat16 else None
     return choice
+
+
+class StepRanks(Protocol):
+    """What a data-parallel learner needs of its ranks (learning/distributed.py: Ranks)."""
+
+    def share(self, samples: list[Sample]) -> None: ...
+    def shard(self, samples: list[Sample], weights: list[float]) -> tuple[list[Sample], list[float]]: ...
+    def reduce(self, params: list[torch.Tensor], loss: float,
+               totals: dict[str, float]) -> tuple[float, dict[str, float]]: ...
 
 
 class Learner:
@@ -104,7 +110,7 @@ class Learner:
             foreach=True,
         )
         self.max_grad_norm = optim.max_grad_norm
-        self.ranks: Ranks | None = None  # set when the learner is data-parallel (learning/distributed.py)
+        self.ranks: StepRanks | None = None  # set when the learner is data-parallel (learning/distributed.py)
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Learner:
