@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.types import Sample
 
 if TYPE_CHECKING:
@@ -207,6 +207,10 @@ def launched(config: TrainConfig) -> Iterator[Ranks | None]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = config.device != "cpu" and torch.cuda.is_available()
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"learner rank {rank} (local rank {local_rank}) has no GPU: torch sees "
+                              f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                              "start at most one rank per visible GPU")
         torch.cuda.set_device(local_rank)
     elif config.threads is None:  # CPU ranks of one node share its cores (torch_threads took one less than all)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
