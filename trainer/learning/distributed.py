@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 import re
 import signal
@@ -35,8 +34,6 @@ from trainer.types import Sample
 
 if TYPE_CHECKING:
     from trainer.learning.learner import Learner
-
-logger = logging.getLogger("trainer.learning.distributed")
 
 STAT_KEYS = ("tokens", "clipped", "ratio", "abs_logprob_diff", "kl")
 _active: Ranks | None = None
@@ -187,11 +184,6 @@ def _exit_later(rank: int, world: int, run_dir: str) -> None:
     timer = threading.Timer(STOP_GRACE_S, give_up)
     timer.daemon = True  # a run that stops in time exits without waiting for it
     timer.start()
-
-
-def active() -> Ranks | None:
-    """The ranks of this process's run, inside `launched`; None when it runs alone."""
-    return _active
 
 
 @contextlib.contextmanager
