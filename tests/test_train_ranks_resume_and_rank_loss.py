@@ -6,15 +6,16 @@ process (2 -> 1) and finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
@@ -44,13 +45,23 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def rank_process(root: psutil.Process, rank: str) -> psutil.Process | None:
-    for child in root.children(recursive=True):
-        try:
-            if child.environ().get("RANK") == rank and "LOCAL_RANK" in child.environ():
-                return child
-        except psutil.Error:
-            continue
+def rank_pid(root: int, rank: str) -> int | None:
+    """The process under `root` that torchrun started as `rank` (read from Linux's /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    below, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        children = [c for c, p in parents.items() if p == pid]
+        below += children
+        todo += children
+    for pid in below:
+        with contextlib.suppress(OSError):
+            env = dict(v.split("=", 1) for v in (Path("/proc") / str(pid) / "environ").read_text().split("\0") if "=" in v)
+            if env.get("RANK") == rank and "LOCAL_RANK" in env:
+                return pid
     return None
 
 
@@ -78,9 +89,9 @@ def test_resume_from_one_to_two_ranks_then_a_killed_rank_ends_the_run(tmp_path: 
             while not (run_dir / "checkpoints" / "step_000002" / "trainer_state.pt").is_file():
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(0.05)
-            rank1 = rank_process(psutil.Process(proc.pid), "1")
+            rank1 = rank_pid(proc.pid, "1")
             assert rank1 is not None, "no process with RANK=1 under the launcher"
-            rank1.kill()
+            os.kill(rank1, signal.SIGKILL)
             killed = time.monotonic()
             code = proc.wait(timeout=60)  # bounded: a dead rank never hangs the run
             took = time.monotonic() - killed
