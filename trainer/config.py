@@ -104,6 +104,22 @@ class GrpoConfig(_Section):
         "seq_mean_token_sum_norm: token sums over a constant (sampling.max_tokens), "
         "then mean over sequences (Dr. GRPO)",
     )
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
+        default="ppo_clip",
+        description="ppo_clip: token-level clipped ratio (PPO/GRPO/DAPO); gspo: one clipped ratio per sequence, "
+        "the geometric mean of its tokens' (GSPO); cispo: the clipped ratio as a stop-gradient weight on every "
+        "token's log-likelihood, so clipped tokens keep their gradient (CISPO). Formulas: trainer/learning/grpo.py",
+    )
+    tis_cap: float | None = Field(
+        default=2.0, gt=1.0,
+        description="truncated importance sampling: the ratio against the sampler's recorded logprobs is capped "
+        "at this value (stale samples with async.max_staleness > 0, or vLLM's numerics); null = no cap",
+    )
+    mask_truncated: bool = Field(
+        default=False,
+        description="drop completions cut by sampling.max_tokens (finish_reason length) from the loss (DAPO's "
+        "overlong filtering): an answer cut mid-way is not punished for its truncation",
+    )
     epochs: int = Field(default=1, ge=1, description="optimizer steps over each step's samples")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward pass")
     share_prefix: bool = Field(

@@ -268,7 +268,8 @@ class Learner:
             lp = self._logprobs(b)
             loss, stats = policy_loss(
                 lp, b.old_logprobs, b.advantages, b.mask, b.weights,
-                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, ref_logprobs=r, kl_coef=g.kl_coef,
+                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, kind=g.policy_loss, tis_cap=g.tis_cap,
+                ref_logprobs=r, kl_coef=g.kl_coef,
             )
             loss.backward()
             total_loss += loss.item()
@@ -319,6 +320,7 @@ class Learner:
             "kl": first["kl"] / tokens,
             "clip_frac": clipped / (tokens * g.epochs),
             "ratio": first["ratio"] / tokens,
+            "tis_frac": first["truncated"] / tokens,  # tokens whose ratio tis_cap truncated
             # sampling vs training logprob mismatch on the first pass (before any update)
             "logprob_abs_diff": first["abs_logprob_diff"] / tokens,
             "grad_norm": sum(grad_norms) / len(grad_norms),
