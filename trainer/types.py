@@ -51,6 +51,7 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    policy_version: int | None = None  # the policy version that sampled its first token (pipelined steps)
 
 
 #: Called with each token id as it is sampled.
@@ -117,6 +118,7 @@ class CallRecord:
     logprobs: list[float]
     response: dict[str, Any]  # the assistant message returned (content / tool_calls)
     finish_reason: str
+    policy_version: int | None = None  # the policy version that sampled it, when the backend counts them
 
 
 def extends(ids: list[int], prefix: list[int]) -> bool:
@@ -209,6 +211,7 @@ class Sample:
     old_logprobs: list[float]
     advantage: float = 0.0
     rollout_id: str = ""
+    policy_version: int | None = None  # the oldest policy version that sampled one of its tokens
 
     @property
     def num_loss_tokens(self) -> int:

@@ -240,6 +240,7 @@ class Gateway:
                 logprobs=choice.logprobs,
                 response=choice.message,
                 finish_reason=choice.finish_reason,
+                policy_version=choice.policy_version,
             )
             for choice in completion.choices
         ]

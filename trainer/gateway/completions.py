@@ -65,6 +65,7 @@ class ChoiceResult:
     logprobs: list[float]
     message: dict[str, Any]
     finish_reason: str
+    policy_version: int | None = None
 
 
 @dataclass(slots=True)
@@ -187,7 +188,7 @@ class ChatCompleter:
         parsed = parse_output(text, self.tool_parser if parse_tools else "none")
         if parsed.tool_calls:
             finish = "tool_calls"
-        return ChoiceResult(ids, logprobs, parsed.message(), finish)
+        return ChoiceResult(ids, logprobs, parsed.message(), finish, gen.policy_version)
 
     def _logprobs(self, choice: ChoiceResult) -> dict[str, Any]:
         """OpenAI's `logprobs.content`: each completion token with its recorded (temperature-1)

@@ -28,7 +28,7 @@ def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch
             continue
         trained += 1
         for r, adv in zip(finished, group_advantages(rewards, config.grpo.scale_rewards)):
-            samples += rollout_samples(r.calls, adv, r.rollout_id)
+            samples += rollout_samples(r.calls, adv, r.rollout_id, config.grpo.mask_truncated)
             trained_ids.add(r.rollout_id)
     return StepBatch(samples, trained, dropped, all_equal, trained_ids)
 

@@ -10,6 +10,10 @@ case: the env appended a tool result or a user turn), the calls merge into one s
 prompt tokens (tool results, template glue) are masked. When the prompt does not extend it (the env
 rewrote history, or the chat template re-renders the assistant turn differently), the call starts a
 new sequence. Either way every sequence of a rollout carries the rollout's advantage.
+
+`mask_truncated` (DAPO's overlong filtering): a completion cut by max_tokens (finish_reason
+"length") stays in the sequence as context but its tokens are masked out of the loss. A sequence
+keeps the oldest policy version that sampled one of its calls (`policy_version`, pipelined steps).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class CallLike(Protocol):
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
+    finish_reason: str
+    policy_version: int | None
 
 
 def _check(call: CallLike) -> None:
@@ -33,7 +39,7 @@ def _check(call: CallLike) -> None:
         )
 
 
-def build_sequences(calls: Sequence[CallLike]) -> list[Sample]:
+def build_sequences(calls: Sequence[CallLike], mask_truncated: bool = False) -> list[Sample]:
     """One rollout's calls (in order) -> its training sequences (advantage 0, set by the caller)."""
     samples: list[Sample] = []
     current: Sample | None = None
@@ -49,14 +55,19 @@ def build_sequences(calls: Sequence[CallLike]) -> list[Sample]:
             samples.append(current)
             new_prompt = list(prompt)
         current.input_ids += new_prompt + list(call.completion_ids)
-        current.loss_mask += [0] * len(new_prompt) + [1] * len(call.completion_ids)
+        trained = not (mask_truncated and call.finish_reason == "length")
+        current.loss_mask += [0] * len(new_prompt) + [int(trained)] * len(call.completion_ids)
+        version = call.policy_version
+        if version is not None and (current.policy_version is None or version < current.policy_version):
+            current.policy_version = version
         current.old_logprobs += [0.0] * len(new_prompt) + [float(x) for x in call.logprobs]
     return samples
 
 
-def rollout_samples(calls: Sequence[CallLike], advantage: float, rollout_id: str = "") -> list[Sample]:
+def rollout_samples(calls: Sequence[CallLike], advantage: float, rollout_id: str = "",
+                    mask_truncated: bool = False) -> list[Sample]:
     """The rollout's sequences, each carrying the rollout's advantage."""
-    samples = build_sequences(calls)
+    samples = build_sequences(calls, mask_truncated)
     for s in samples:
         s.advantage = advantage
         s.rollout_id = rollout_id
