@@ -158,11 +158,32 @@ class RolloutConfig(_Section):
         description="circuit breaker: stop the run after this many rollouts in a row failed, after their retries, "
         "for an infrastructure reason (env unreachable, 5xx, at capacity, off-spec answers, auth); 0 = never",
     )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="keep drawing tasks until the step has tasks_per_step groups whose rewards differ (DAPO's "
+        "dynamic sampling): groups that all tie are drawn, counted and not trained; see max_draws",
+    )
+    max_draws: int | None = Field(
+        default=None, ge=1,
+        description="with dynamic_sampling: at most this many groups drawn for one step (then it trains what it "
+        "has); default 4 x tasks_per_step",
+    )
     max_untrained_steps: int = Field(
         default=10, ge=0,
         description="stop the run (exit 1) after this many steps in a row trained no sample (every rollout "
         "failed, or every group's rewards tied), with the failures counted by kind; a run in which no step "
         "trained stops at its end the same way, without writing an adapter; 0 = only that end-of-run check",
+    )
+
+
+class AsyncConfig(_Section):
+    """`async:` pipelined steps (trainer/commands/pipeline.py)."""
+
+    max_staleness: int = Field(
+        default=0, ge=0,
+        description="rollouts of the next steps run while the learner trains the current one, sampled by a policy "
+        "at most this many versions behind the one trained (the loss's ratio is against their recorded sampling "
+        "logprobs, capped by grpo.tis_cap); 0 = the synchronous loop (generate, then learn)",
     )
 
 
@@ -243,6 +264,7 @@ class TrainConfig(_Section):
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -277,6 +299,9 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"rollout.min_group_size ({self.rollout.min_group_size}) exceeds group_size ({self.group_size})"
             )
+        if self.async_.max_staleness and self.backend == "vllm":
+            raise ValueError("async.max_staleness > 0 needs backend: transformers (the vLLM backend runs "
+                             "synchronous steps only)")
         return self
 
 
@@ -300,6 +325,7 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> None:
         fields = current.model_fields if isinstance(current, type) and issubclass(current, BaseModel) else None
         if fields is None:
             return  # inside a list / dict value: pydantic checks the rest
+        fields = {f.alias or name: f for name, f in fields.items()}  # `async` is the field async_
         if part not in fields:
             raise ConfigError(f"--set: unknown config key {'.'.join(path[: depth + 1])!r}")
         current = fields[part].annotation
@@ -358,4 +384,4 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from env_sdk import Task
 from trainer.commands.progress import Pace, progress_bar
+from trainer.commands.pipeline import GroupFeed, sample_metrics, sampler_backend
 from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
 from trainer.commands.trackers import TrackerError, Trackers
 from trainer.config import (
@@ -138,7 +139,7 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
         if config.trace.enabled:
             traces.enable(run_dir, config.trace.otlp_endpoint)
 
-        backend = TimedBackend(make_backend(config, learner))
+        backend = TimedBackend(sampler_backend(config, learner, make_backend, start))
         try:
             if start:  # a backend with its own copy of the model must serve the resumed weights
                 await backend.weights_updated(checkpoint_dir(run_dir, start) / "adapter")
@@ -161,9 +162,10 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
         await pool.aclose()
 
 
-def make_backend(config: TrainConfig, learner: Learner) -> GenerationBackend:
-    """The run's generation backend, sampling from the learner's live model (or vLLM servers)."""
-    return create_backend(config.backend, config.model, learner.model, learner.tokenizer,
+def make_backend(config: TrainConfig, learner: Learner, model: Any = None) -> GenerationBackend:
+    """The run's generation backend, sampling from the learner's live model (or `model`, its twin for
+    pipelined steps; or vLLM servers)."""
+    return create_backend(config.backend, config.model, learner.model if model is None else model, learner.tokenizer,
                           generation=config.generation, vllm=config.vllm, lora_rank=config.lora.rank,
                           dtype=str(learner.dtype).removeprefix("torch."), seed=config.seed,
                           log_dir=Path(config.run_dir) / "vllm")
@@ -177,14 +179,13 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
     untrained_steps = all_equal = 0
     bar, pace = progress_bar(config.steps, start, config.progress), Pace()
     trackers = Trackers.open(config, run_dir)
+    feed = GroupFeed(config, tasks, stream, scheduler, start, backend.inner)
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
             backend.take()
             forwards_before = backend.stats.forward_calls if backend.stats else 0
             retries_before, retried_before = scheduler.retries, Counter(scheduler.retried)
-            data_state = stream.state_dict()
-            indices = stream.take(config.tasks_per_step)
             live: list[float] = []
             last_refresh = [0.0]
 
@@ -198,8 +199,8 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                     bar.set_postfix(reward=f"{statistics.fmean(live):.3f}", rollouts=len(live), **pace.fields(),
                                     refresh=True)
 
-            groups = await scheduler.run_groups([(i, tasks[i]) for i in indices], config.group_size, step,
-                                                on_rollout=on_rollout)
+            taken = await feed.next_step(step, on_rollout)
+            groups = taken.groups
             t_rollouts = time.perf_counter() - t0
             gen_s, gen_tokens = backend.take()
             forwards = (backend.stats.forward_calls if backend.stats else 0) - forwards_before
@@ -224,9 +225,11 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                     return learner.train_step(batch.samples)
 
             learn_ns = time.time_ns()
-            stats = await asyncio.to_thread(learn)
+            with feed.learning(taken.metrics):
+                stats = await asyncio.to_thread(learn)
             traces.trained(step, batch.samples, start_ns=learn_ns, end_ns=time.time_ns())
             await sync_weights(backend, learner, run_dir, step)
+            feed.advance(step)
             t_learn = time.perf_counter() - t1
             t_step = time.perf_counter() - t0
 
@@ -249,6 +252,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                 "prefix_mismatch": float(sum(r.prefix_mismatch for g in groups for r in g.rollouts)),
                 "peak_memory_mb": peak_memory_mb(learner.device),
                 **_tool_call_metrics(groups),
+                **taken.metrics, **sample_metrics(batch.samples, step, stats),
             })
             with (run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
@@ -262,12 +266,12 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             limit = config.rollout.max_untrained_steps
             if untrained_steps and ((limit and untrained_steps >= limit) or (step == config.steps and not trained_before)):
                 if trained_before:  # keep what the earlier steps learned, resumable
-                    save_checkpoint(run_dir, step, learner, stream)
+                    save_checkpoint(run_dir, step, learner, feed.consumed)
                 tally = Tally.of([r for g in untrained for r in g.rollouts])
                 raise NothingTrained(nothing_trained(tally, steps=untrained_steps, all_equal=all_equal,
                                                      what=f"steps {step - untrained_steps + 1}-{step}"))
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(run_dir, step, learner, stream)
+                save_checkpoint(run_dir, step, learner, feed.consumed)
             failures = ",".join(f"{kind}:{n}" for kind, n in failure_counts(groups).most_common())
             pace.step_done()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}",
@@ -276,13 +280,13 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             if not math.isfinite(metrics["loss"]):
                 raise RunError(f"step {step}: the loss is {metrics['loss']}; stopping (see {run_dir}/metrics.jsonl)")
     except CircuitOpen as exc:  # the envs are broken: stop, keeping every step that finished
-        stream.load_state_dict(data_state)
         done = step - 1
         if done > start and latest_checkpoint(run_dir) != checkpoint_dir(run_dir, done):
-            save_checkpoint(run_dir, done, learner, stream)
+            save_checkpoint(run_dir, done, learner, feed.consumed)
         raise RunError(f"step {step}: stopped by the circuit breaker: {exc}. Steps 1-{done} are saved; "
                        "fix the env servers, then continue with --resume") from None
     finally:
+        await feed.aclose()
         bar.close()
         trackers.close()
 

@@ -85,6 +85,7 @@ class Decoder:
             self._admit(pending)
             while self.rows:
                 self._step()
+                self.backend.between_steps()  # e.g. a pipelined trainer's adapter swap, never mid-step
                 if not self.rows:
                     break
                 room = self.backend.max_batch_size - len(self.rows)

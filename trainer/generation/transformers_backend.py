@@ -11,6 +11,8 @@ next step (up to `max_batch_size` rows), so multi-turn rollouts whose calls arri
 different times still share forward passes. The torch work runs on one worker thread, so
 the asyncio loop serving HTTP is never blocked. `generate_streamed` also hands each token to
 the caller the step it is sampled (for `openrft serve`'s streamed chat completions).
+`run_between_steps` runs a function (a pipelined trainer's adapter swap) on the worker between
+two decode steps, never in the middle of one: tokens already sampled keep their recorded logprobs.
 
 Recorded logprobs: the logprob of each sampled token is `log_softmax(logits)` of the raw
 logits, at temperature 1, with no top-p renormalisation, whatever the sampling temperature
@@ -21,11 +23,13 @@ exactly 1 before the first update (up to batching numerics).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import queue
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from trainer.generation.decoder import Decoder, Request
@@ -78,6 +82,7 @@ class TransformersBackend:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._start_lock = threading.Lock()
+        self._between: collections.deque[Callable[[], None]] = collections.deque()
 
     # --- public API -------------------------------------------------------------------------
 
@@ -118,6 +123,37 @@ class TransformersBackend:
                 return
             if request is not None:
                 Decoder._send(request, RuntimeError("the generation backend was closed"))
+
+    async def run_between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` while no decode step is running: on the worker between two steps of a running
+        batch, or here at once when the backend is idle. Returns once it ran (its error raised here)."""
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # handed to the awaiting caller, never to the decode loop
+                error.append(exc)
+            finally:
+                done.set()
+
+        self._between.append(job)
+        while not done.is_set():
+            if self.lock.acquire(blocking=False):  # idle (or between batches): run it here
+                try:
+                    self.between_steps()
+                finally:
+                    self.lock.release()
+            else:
+                await asyncio.sleep(0.002)
+        if error:
+            raise error[0]
+
+    def between_steps(self) -> None:
+        """Run the queued `run_between_steps` functions (the caller holds `lock`)."""
+        while self._between:
+            self._between.popleft()()
 
     # --- worker thread ----------------------------------------------------------------------
 

@@ -12,21 +12,31 @@ from trainer.learning.samples import rollout_samples
 from trainer.types import GroupResult, Sample, StepBatch
 
 
+def group_status(group: GroupResult, min_group_size: int) -> str:
+    """"dropped" (too few finished rollouts), "all_equal" (rewards tie: zero advantage) or "trained"."""
+    finished = group.finished
+    if len(finished) < min_group_size:
+        return "dropped"
+    rewards = [r.reward for r in finished]
+    return "all_equal" if max(rewards) - min(rewards) < 1e-9 else "trained"
+
+
 def build_batch(groups: Sequence[GroupResult], config: TrainConfig) -> StepBatch:
     """Advantages per group, then training sequences from the recorded calls."""
     samples: list[Sample] = []
     trained_ids: set[str] = set()
     trained = dropped = all_equal = 0
     for group in groups:
-        finished = group.finished
-        if len(finished) < config.rollout.min_group_size:
+        status = group_status(group, config.rollout.min_group_size)
+        if status == "dropped":
             dropped += 1
             continue
-        rewards = [r.reward for r in finished]
-        if max(rewards) - min(rewards) < 1e-9:
+        if status == "all_equal":
             all_equal += 1
             continue
         trained += 1
+        finished = group.finished
+        rewards = [r.reward for r in finished]
         for r, adv in zip(finished, group_advantages(rewards, config.grpo.scale_rewards)):
             samples += rollout_samples(r.calls, adv, r.rollout_id, config.grpo.mask_truncated)
             trained_ids.add(r.rollout_id)

@@ -28,8 +28,7 @@ class CallLike(Protocol):
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
-    finish_reason: str
-    policy_version: int | None
+    # also read when present: finish_reason (str), policy_version (int | None)
 
 
 def _check(call: CallLike) -> None:
@@ -55,9 +54,9 @@ def build_sequences(calls: Sequence[CallLike], mask_truncated: bool = False) -> 
             samples.append(current)
             new_prompt = list(prompt)
         current.input_ids += new_prompt + list(call.completion_ids)
-        trained = not (mask_truncated and call.finish_reason == "length")
+        trained = not (mask_truncated and getattr(call, "finish_reason", "stop") == "length")
         current.loss_mask += [0] * len(new_prompt) + [int(trained)] * len(call.completion_ids)
-        version = call.policy_version
+        version = getattr(call, "policy_version", None)
         if version is not None and (current.policy_version is None or version < current.policy_version):
             current.policy_version = version
         current.old_logprobs += [0.0] * len(new_prompt) + [float(x) for x in call.logprobs]

@@ -121,9 +121,11 @@ class RolloutScheduler:
         self.consecutive_failures = 0
 
     async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int,
-                         on_rollout: Callable[[RolloutResult], None] | None = None) -> list[GroupResult]:
+                         on_rollout: Callable[[RolloutResult], None] | None = None,
+                         first_group: int = 0) -> list[GroupResult]:
         """Run `group_size` rollouts of each (dataset index, task); every rollout ends.
-        `on_rollout` is called as each one ends (progress display)."""
+        `on_rollout` is called as each one ends (progress display). Groups are numbered from
+        `first_group` (a step whose groups start one at a time)."""
         nonce = uuid.uuid4().hex[:6]  # a rerun of a step (after --resume) must not reuse ids
 
         async def one(task: Task, index: int, g: int, k: int) -> RolloutResult:
@@ -133,7 +135,7 @@ class RolloutScheduler:
                 on_rollout(result)
             return result
 
-        jobs = [asyncio.ensure_future(one(task, index, g, k)) for g, (index, task) in enumerate(tasks)
+        jobs = [asyncio.ensure_future(one(task, index, g, k)) for g, (index, task) in enumerate(tasks, first_group)
                 for k in range(group_size)]
         try:
             results = await asyncio.gather(*jobs)
@@ -143,7 +145,7 @@ class RolloutScheduler:
             await asyncio.gather(*jobs, return_exceptions=True)
             raise
         return [
-            GroupResult(g, index, list(results[g * group_size : (g + 1) * group_size]))
+            GroupResult(first_group + g, index, list(results[g * group_size : (g + 1) * group_size]))
             for g, (index, _) in enumerate(tasks)
         ]
 
