@@ -15,7 +15,9 @@ The budget. With v updates done, a group drawn now may be trained at steps up to
 expects (those of trained steps, the finished ones waiting, and p x those still running, p being the
 recent share of groups that teach; 1 without dynamic sampling) fall short of that. Without dynamic
 sampling this is exactly tasks_per_step groups per step, S steps ahead. With it, a group that comes
-out staler than S (drawn on an optimistic p) is dropped and counted (groups/stale).
+out staler than S (drawn on an optimistic p) is dropped and counted (groups/stale); one still running
+when it can no longer be trained within the bound is cancelled at once. With S = 0 that overshoot is
+lost, as in DAPO; with S >= 1 the next step takes it.
 
 Resume. A checkpoint saves `consumed`, the task cursor after the last group a trained step took, not
 the draw cursor: groups in flight at a checkpoint are drawn again by `--resume`, so none is lost and
@@ -158,15 +160,18 @@ class GroupFeed:
         cursor: dict[str, Any] | None = None
         drawn = kept = stale = 0
         ages: list[int] = []
-        while (kept if self.dynamic else drawn) < self.tps and drawn < self.max_draws:
+        while (kept if self.dynamic else drawn) < self.tps and drawn - stale < self.max_draws:
             self._fill()
             head = self.queue[0]
             await asyncio.wait([head.job, self._failure], return_when=asyncio.FIRST_COMPLETED)
             if self._failure.done():
                 self._failure.result()  # raises what stopped a group
             self.queue.popleft()
-            group = head.job.result()
             cursor, drawn = head.cursor, drawn + 1
+            if head.job.cancelled():  # doomed to staleness at an earlier step's end
+                stale += 1
+                continue
+            group = head.job.result()
             versions = [c.policy_version for r in group.rollouts for c in r.calls if c.policy_version is not None]
             age = (step - 1) - min(versions, default=head.version)
             if age > self.staleness:
@@ -178,6 +183,8 @@ class GroupFeed:
             self.taking = kept if self.dynamic else drawn
         if cursor is not None:
             self.consumed.load_state_dict(cursor)
+        for doomed in [d for d in self.queue if d.status is None and d.version < step - self.staleness]:
+            doomed.job.cancel()  # it could only be trained staler than the bound: stop paying for it
         self.useful, self.taking = self.useful + self.tps, 0
         self._changed.set()
         metrics = {"sampling/drawn": float(drawn), "sampling/kept": float(kept), "groups/stale": float(stale),
