@@ -97,3 +97,18 @@ def test_dynamic_sampling_fills_each_step_with_groups_that_teach(tmp_path: Path,
     assert all(any(i == j for j in it) for i in taken)  # a subsequence, in order
     state = torch.load(run_dir / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
     assert state["data"]["epoch"] * 6 + state["data"]["position"] == drawn
+
+
+def test_async_section_is_spelled_async_and_refuses_vllm(tmp_path: Path) -> None:
+    from trainer.config import ConfigError, load_config, save_config
+
+    base = ["model=m", "dataset=d", "envs=[{url: 'http://x'}]"]
+    config = load_config(None, [*base, "async.max_staleness=2", "rollout.dynamic_sampling=true"])
+    assert config.async_.max_staleness == 2 and config.rollout.dynamic_sampling
+    save_config(config, tmp_path / "c.yaml")
+    assert "async:\n  max_staleness: 2" in (tmp_path / "c.yaml").read_text()
+    assert load_config(tmp_path / "c.yaml").async_.max_staleness == 2  # the saved config loads back
+    with pytest.raises(ConfigError, match="async.max_staleness > 0 needs backend: transformers"):
+        load_config(None, [*base, "async.max_staleness=1", "backend=vllm"])
+    with pytest.raises(ConfigError, match="unknown config key 'async.depth'"):
+        load_config(None, [*base, "async.depth=1"])

@@ -7,7 +7,9 @@ updates the adapter (in a worker thread, holding the backend's lock).
 Each step: take `tasks_per_step` tasks (deterministic, resumable order) -> `group_size` rollouts
 each -> rewards -> advantages per group (groups with too few finished rollouts are dropped, groups
 whose rewards are all equal are skipped; both counted) -> the recorded tokens become training
-sequences -> one GRPO update -> metrics line, rollouts dump, maybe a checkpoint.
+sequences -> one GRPO update -> metrics line, rollouts dump, maybe a checkpoint. The groups come
+from `GroupFeed` (commands/pipeline.py), which with `async.max_staleness` > 0 runs the next steps'
+groups while this one learns, and with `rollout.dynamic_sampling` fills a step with groups that teach.
 
 Run directory: config.yaml, metrics.jsonl, rollouts/step_NNNNNN.jsonl, tokens/step_NNNNNN.jsonl (what
 was trained: trainer/dashboard/tokens.py), checkpoints/step_NNNNNN/{adapter/, trainer_state.pt}, adapter/ (the latest adapter).

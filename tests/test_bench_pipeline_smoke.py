@@ -1,0 +1,25 @@
+"""`bench/pipeline.py --model tiny`: the synchronous and the pipelined loop, one after the other, really
+train (two `openrft train` processes) and the script prints each one's figures and the ratio line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import pipeline
+
+
+def test_pipeline_bench_runs_both_loops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pipeline.main(["--model", "tiny", "--steps", "2", "--staleness", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("ratios vs synchronous: S=1: steps/min x")
+    summary = json.loads((tmp_path / "pipeline.json").read_text())
+    assert set(summary) == {"0", "1"}
+    assert summary["0"]["staleness_mean"] == 0 and summary["1"]["steps_per_min"] > 0
+    # each variant trained in its own run directory, with its own max_staleness
+    for s in (0, 1):
+        config = (tmp_path / f"s{s}" / "config.yaml").read_text()
+        assert f"max_staleness: {s}" in config
+        assert len((tmp_path / f"s{s}" / "metrics.jsonl").read_text().splitlines()) == 2
