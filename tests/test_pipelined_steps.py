@@ -69,7 +69,10 @@ def test_pipelined_steps_bound_staleness_and_resume_exactly(tmp_path: Path, tiny
     # stopped after step 3 without its checkpoint: resume from step 2, redo 3, go on to 4
     shutil.rmtree(run_dir / "checkpoints" / "step_000003")
     assert main([str(config_path), "--set", "steps=4", "--resume"]) == 0
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # the resumed sampler is version 2: step 3's groups are fresh, step 4's one update old
+    assert metrics[2]["staleness/groups_max"] == 0 and metrics[3]["staleness/groups_max"] == 1
     stream = TaskStream(6, seed=7)
     expected = [stream.take(2) for _ in range(4)]
     for step in (1, 2, 3, 4):

@@ -14,8 +14,6 @@ class Call:
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
-    finish_reason: str = "stop"
-    policy_version: int | None = None
 
 
 def test_single_call() -> None:

@@ -91,10 +91,15 @@ class VersionedBackend:
         return self._busy + (time.perf_counter() - self._since if self._active else 0.0)
 
     async def weights_updated(self, adapter_dir: Path | None) -> None:
+        """After an optimizer step (`adapter_dir` None): the twin takes the new weights, the version goes
+        up. With a directory (a resumed run's checkpoint, already loaded into the learner): the twin takes
+        those weights and the version stays the step the run resumes from."""
         run_between = getattr(self.inner, "run_between_steps", None)
         if run_between is None:
             raise RuntimeError(f"{type(self.inner).__name__} cannot swap weights between decode steps")
         await run_between(self._sync)
+        if adapter_dir is not None:
+            return
         self.version += 1
         for listener in self._listeners:
             listener(self.version)
