@@ -11,6 +11,7 @@ import pytest
 from bench import pipeline
 
 
+@pytest.mark.slow  # two training processes: ~25 s on an idle 2-core machine, 104 s at load 7
 def test_pipeline_bench_runs_both_loops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert pipeline.main(["--model", "tiny", "--steps", "2", "--staleness", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
