@@ -35,7 +35,7 @@ from trainer.types import Sample
 if TYPE_CHECKING:
     from trainer.learning.learner import Learner
 
-STAT_KEYS = ("tokens", "clipped", "ratio", "abs_logprob_diff", "kl")
+STAT_KEYS = ("tokens", "clipped", "truncated", "ratio", "abs_logprob_diff", "kl")
 _active: Ranks | None = None
 
 
