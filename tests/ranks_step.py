@@ -1,12 +1,16 @@
 """One learner step under torchrun, for tests/test_learner_ranks_equal_one_process.py:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.ranks_step MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.ranks_step MODEL_DIR OUT_DIR [fsdp]
 
 Every rank builds the tiny learner; rank 0 sets the LoRA weights (`init_lora`) and hands them over
 (`distributed.join`), then one `train_step` on `make_samples()` runs on both ranks, once per case:
 token_mean and seq_mean_token_mean with the gradient sum, and token_mean with `Ranks.reduce`
 replaced by a no-op (what each rank would learn alone). Each rank writes its LoRA weights per case to
 OUT_DIR/rank{R}.pt. The test runs the same step in one process and compares.
+
+With `fsdp` (`learner.fsdp: true`, tests/test_learner_fsdp_equals_one_process.py): one token_mean step
+on the sharded model, then rank 0 saves the adapter (OUT_DIR/adapter) and the optimizer state
+(OUT_DIR/optimizer.pt), both gathered from the ranks' shards.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from trainer.types import Sample
 CASES = [("token_mean", True), ("seq_mean_token_mean", True), ("token_mean", False)]
 
 
-def make_config(model_dir: str | Path, loss_agg: str) -> TrainConfig:
+def make_config(model_dir: str | Path, loss_agg: str, fsdp: bool = False) -> TrainConfig:
     return load_config(None, defaults={
+        **({"backend": "vllm"} if fsdp else {}),
         "model": str(model_dir), "dataset": "unused.jsonl", "envs": [{"url": "http://127.0.0.1:9"}],
         "device": "cpu", "dtype": "float32", "sampling": {"max_tokens": 12},
         "optim": {"lr": 0.01}, "lora": {"rank": 4, "alpha": 8},
-        "grpo": {"loss_agg": loss_agg, "micro_batch_size": 3, "kl_coef": 0.05}, "learner": {"timeout_s": 60},
+        "grpo": {"loss_agg": loss_agg, "micro_batch_size": 3, "kl_coef": 0.05}, "learner": {"timeout_s": 60, "fsdp": fsdp},
     })
 
 
@@ -86,5 +91,23 @@ def main(model_dir: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{ranks.rank}.pt")
 
 
+def main_fsdp(model_dir: str, out_dir: str) -> None:
+    config = make_config(model_dir, "token_mean", fsdp=True)
+    with distributed.launched(config) as ranks:
+        assert ranks is not None and ranks.world_size == 2 and ranks.fsdp
+        learner = Learner.from_config(config)
+        if ranks.rank == 0:
+            init_lora(learner)
+            distributed.join(learner)  # rank 0's weights go to the other rank, then both shard them
+            learner.train_step(make_samples(learner.model.config.vocab_size))
+            learner.save_adapter(Path(out_dir) / "adapter")
+            torch.save(learner.state_dict()["optimizer"], Path(out_dir) / "optimizer.pt")
+        else:
+            ranks.follow(learner)
+        full = sum(p.numel() for p in learner.model.parameters())
+        local = sum(p.to_local().numel() for p in learner.model.parameters())
+        torch.save({"params": full, "local": local}, Path(out_dir) / f"rank{ranks.rank}.pt")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    (main_fsdp if sys.argv[3:] == ["fsdp"] else main)(*sys.argv[1:3])

@@ -144,6 +144,13 @@ class LearnerConfig(_Section):
         "sum) before the run stops with an error: a dead or hung rank ends the run, never hangs it. It covers "
         "rank 0's rollouts of a step, so keep it above the longest step",
     )
+    fsdp: bool = Field(
+        default=False,
+        description="under torchrun, shard the model over the learner ranks (FSDP2 `fully_shard` on each decoder "
+        "layer and the root): each rank holds 1/N of the frozen base weights and of the LoRA weights and "
+        "optimizer state. Needs `backend: vllm` (a sharded model cannot generate in-process); prefix sharing "
+        "is off under it (docs/scale.md). No effect in a single process",
+    )
 
 
 class RolloutConfig(_Section):
@@ -302,6 +309,11 @@ class TrainConfig(_Section):
         if self.async_.max_staleness and self.backend == "vllm":
             raise ValueError("async.max_staleness > 0 needs backend: transformers (the vLLM backend runs "
                              "synchronous steps only)")
+        if self.learner.fsdp and self.backend != "vllm":
+            raise ValueError(
+                "learner.fsdp needs backend: vllm (each rank holds only a shard of the model, so the in-process "
+                f"`{self.backend}` backend cannot generate from it; set backend: vllm, or learner.fsdp: false)"
+            )
         return self
 
 

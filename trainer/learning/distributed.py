@@ -34,6 +34,7 @@ from trainer.types import Sample
 
 if TYPE_CHECKING:
     from trainer.learning.learner import Learner
+    from trainer.learning.prefix import MicroBatch
 
 STAT_KEYS = ("tokens", "clipped", "truncated", "ratio", "abs_logprob_diff", "kl")
 _active: Ranks | None = None
@@ -52,9 +53,11 @@ class Terminated(KeyboardInterrupt):
 class Ranks:
     """This process's place among the learner ranks, and the collectives the learner needs."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float, fsdp: bool = False) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.fsdp = fsdp  # the model sharded over the ranks (learning/fsdp.py), once they hold rank 0's state
         self.lost = False
+        self.sharded = False
 
     # --- rank 0 -> the others ---------------------------------------------------------------
 
@@ -87,6 +90,29 @@ class Ranks:
         self._collective(dist.broadcast_object_list, box, src=0)
         if self.rank:
             learner.optimizer.load_state_dict(box[0])
+        if self.fsdp:
+            if self.sharded:
+                raise RuntimeError("learner.fsdp: the ranks' model is already sharded; they sync once, at the start")
+            from trainer.learning import fsdp
+
+            fsdp.shard(learner, self.world_size)
+            self.sharded = True
+
+    def full_state(self, learner: Learner, what: str) -> dict[str, Any] | None:
+        """Rank 0, sharded: the whole LoRA weights (`what` = "lora") or optimizer state ("optimizer"),
+        gathered from every rank (they are in `follow`). None when each rank holds it all already."""
+        if not self.sharded:
+            return None
+        if self.rank == 0:
+            self._send(("gather", what))
+        return self._gather(learner, what)
+
+    def _gather(self, learner: Learner, what: str) -> dict[str, Any]:
+        from trainer.learning import fsdp
+
+        box: list[dict[str, Any]] = []
+        self._collective(lambda: box.append(fsdp.lora_state(learner) if what == "lora" else fsdp.optimizer_state(learner)))
+        return box[0]
 
     def follow(self, learner: Learner) -> None:
         """Ranks > 0: do what rank 0 says until it says stop."""
@@ -99,6 +125,8 @@ class Ranks:
                 self._sync(learner)
             elif message[0] == "step":
                 learner.train_step(message[1])
+            elif message[0] == "gather":
+                self._gather(learner, message[1])
 
     def stop(self) -> None:
         """Rank 0, when the run ends (however it ends): release the other ranks."""
@@ -131,8 +159,28 @@ class Ranks:
         mine.sort()
         return [samples[i] for i in mine], [weights[i] for i in mine]
 
+    def balance(self, batches: list[MicroBatch], learner: Learner) -> list[MicroBatch]:
+        """Sharded: as many micro-batches on every rank (empty ones added); else `batches` as they are."""
+        if not self.sharded:
+            return batches
+        from trainer.learning import fsdp
+
+        box: list[list[MicroBatch]] = []
+        self._collective(lambda: box.append(fsdp.balance(batches, learner)))
+        return box[0]
+
     def reduce(self, params: list[torch.Tensor], loss: float, totals: dict[str, float]) -> tuple[float, dict[str, float]]:
-        """Sum the gradients of `params` and the step's loss and statistics over the ranks."""
+        """Sum the gradients of `params` (unless FSDP's reduce-scatter did) and the step's loss and
+        statistics over the ranks."""
+        device = params[0].device
+        if not self.sharded:
+            self._sum_grads(params)
+        sums = torch.tensor([loss, *(totals.get(k, 0.0) for k in STAT_KEYS)], dtype=torch.float64, device=device)
+        self._collective(dist.all_reduce, sums)
+        values = sums.tolist()
+        return values[0], dict(zip(STAT_KEYS, values[1:]))
+
+    def _sum_grads(self, params: list[torch.Tensor]) -> None:
         for p in params:
             if p.grad is None:  # a rank with no samples this step still takes part
                 p.grad = torch.zeros_like(p)
@@ -141,11 +189,6 @@ class Ranks:
         self._collective(dist.all_reduce, flat)
         for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
-        device = params[0].device
-        sums = torch.tensor([loss, *(totals.get(k, 0.0) for k in STAT_KEYS)], dtype=torch.float64, device=device)
-        self._collective(dist.all_reduce, sums)
-        values = sums.tolist()
-        return values[0], dict(zip(STAT_KEYS, values[1:]))
 
     def _collective(self, op: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -209,7 +252,7 @@ def launched(config: TrainConfig) -> Iterator[Ranks | None]:
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // local))
     timeout = datetime.timedelta(seconds=config.learner.timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    ranks = _active = Ranks(rank, world, config.learner.timeout_s)
+    ranks = _active = Ranks(rank, world, config.learner.timeout_s, config.learner.fsdp)
 
     def terminated(signum: int, frame: Any) -> None:
         _exit_later(rank, world, config.run_dir)

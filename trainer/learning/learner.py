@@ -55,6 +55,8 @@ class StepRanks(Protocol):
     def shard(self, samples: list[Sample], weights: list[float]) -> tuple[list[Sample], list[float]]: ...
     def reduce(self, params: list[torch.Tensor], loss: float,
                totals: dict[str, float]) -> tuple[float, dict[str, float]]: ...
+    def balance(self, batches: list[MicroBatch], learner: Learner) -> list[MicroBatch]: ...
+    def full_state(self, learner: Learner, what: str) -> dict[str, Any] | None: ...
 
 
 class Learner:
@@ -290,6 +292,8 @@ class Learner:
         if self.ranks is not None:
             samples, weights = self.ranks.shard(samples, weights)
         batches = self._micro_batches(samples, weights)
+        if self.ranks is not None:
+            batches = self.ranks.balance(batches, self)
 
         ref: list[torch.Tensor | None] = [None] * len(batches)
         if g.kl_coef > 0:  # reference logprobs once per step, adapter off, no graph
@@ -308,7 +312,8 @@ class Learner:
                     loss, totals = self.ranks.reduce(params, loss, totals)
                 first = first or totals
                 clipped += totals["clipped"]
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # DTensor: fsdp
                 self.optimizer.step()
                 losses.append(loss)
         finally:
@@ -335,7 +340,8 @@ class Learner:
         Only LoRA weights are written: the base embeddings are never trained here, so they are left
         out even when `lm_head` / `embed_tokens` carry LoRA (peft would copy the full matrices)."""
         out = Path(out_dir)
-        self.model.save_pretrained(out, save_embedding_layers=False)
+        state = self.ranks.full_state(self, "lora") if self.ranks is not None else None  # fsdp: gathered
+        self.model.save_pretrained(out, state_dict=state, save_embedding_layers=False)
         return out
 
     def load_adapter_weights(self, adapter_dir: str | Path) -> None:
@@ -351,8 +357,9 @@ class Learner:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer + RNG state (the adapter weights are saved separately, as PEFT)."""
+        gathered = self.ranks.full_state(self, "optimizer") if self.ranks is not None else None  # fsdp
         state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": gathered if gathered is not None else self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }
