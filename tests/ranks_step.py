@@ -8,9 +8,11 @@ token_mean and seq_mean_token_mean with the gradient sum, and token_mean with `R
 replaced by a no-op (what each rank would learn alone). Each rank writes its LoRA weights per case to
 OUT_DIR/rank{R}.pt. The test runs the same step in one process and compares.
 
-With `fsdp` (`learner.fsdp: true`, tests/test_learner_fsdp_equals_one_process.py): one token_mean step
-on the sharded model, then rank 0 saves the adapter (OUT_DIR/adapter) and the optimizer state
-(OUT_DIR/optimizer.pt), both gathered from the ranks' shards.
+With `fsdp` (`learner.fsdp: true`, tests/test_learner_fsdp_equals_one_process.py): rank 0 takes a first
+token_mean step alone (as a one-process run would before a resume), hands its weights and optimizer
+state over (they are then sharded), and both ranks take the second step on the sharded model; rank 0
+saves its metrics (OUT_DIR/metrics.pt), the adapter (OUT_DIR/adapter) and the optimizer state
+(OUT_DIR/optimizer.pt), gathered from the shards. Each rank writes how many parameters it holds.
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ def main_fsdp(model_dir: str, out_dir: str) -> None:
         learner = Learner.from_config(config)
         if ranks.rank == 0:
             init_lora(learner)
-            distributed.join(learner)  # rank 0's weights go to the other rank, then both shard them
-            learner.train_step(make_samples(learner.model.config.vocab_size))
+            samples = make_samples(learner.model.config.vocab_size)
+            learner.train_step(samples)  # alone: the other rank waits in `follow`
+            distributed.join(learner)  # rank 0's weights and optimizer state go to the other rank, then both shard
+            torch.save(learner.train_step(samples), Path(out_dir) / "metrics.pt")
             learner.save_adapter(Path(out_dir) / "adapter")
             torch.save(learner.state_dict()["optimizer"], Path(out_dir) / "optimizer.pt")
         else:

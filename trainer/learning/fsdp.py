@@ -39,7 +39,10 @@ def _trainable_names(learner: Learner) -> list[str]:
 def shard(learner: Learner, world_size: int) -> None:
     """Shard the learner's model over the `world_size` ranks (every rank calls this, on equal state)
     and rebuild its optimizer over the shards, keeping its state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -66,7 +69,10 @@ def shard(learner: Learner, world_size: int) -> None:
 
 def lora_state(learner: Learner) -> dict[str, torch.Tensor]:
     """The full LoRA weights (peft's key names) on rank 0's CPU; {} on the other ranks."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(learner.model, options=StateDictOptions(**_OPTIONS, ignore_frozen_params=True))
 
@@ -74,7 +80,10 @@ def lora_state(learner: Learner) -> dict[str, torch.Tensor]:
 def optimizer_state(learner: Learner) -> dict[str, Any]:
     """The full optimizer state on rank 0's CPU, in `torch.optim.Optimizer.state_dict()`'s format (as one
     process saves it); {} on the other ranks."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     state = get_optimizer_state_dict(learner.model, learner.optimizer, options=StateDictOptions(**_OPTIONS))
     if not state:
