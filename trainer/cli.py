@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("reference_envs.datasets:main", "write a reference env's dataset (JSONL) from a seed"),
     "conformance": ("env_sdk.conformance:main", "check an env server against protocol v1"),
     "model": ("trainer.commands.model:main", "build a local model directory (`tiny`, `smollm2`)"),
+    "sft": ("trainer.commands.sft:main", "supervised LoRA warm start on JSONL conversations (OpenAI format)"),
     "train": ("trainer.commands.train:main", "train a LoRA adapter with GRPO against remote envs"),
     "eval": ("trainer.commands.evaluate:main", "mean reward and pass@k of a model on a dataset"),
     "serve": ("trainer.commands.serve:main", "serve a model (+ adapter) behind an OpenAI-compatible API"),
@@ -31,7 +32,7 @@ def _usage() -> str:
 
 
 # the commands that hold a model: run under jemalloc when installed (trainer/commands/allocator.py)
-HEAVY = {"train", "eval", "serve", "demo"}
+HEAVY = {"sft", "train", "eval", "serve", "demo"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -256,6 +256,11 @@ class TraceConfig(_Section):
 
 class TrainConfig(_Section):
     model: str = Field(description="local transformers model directory")
+    init_adapter: str | None = Field(
+        default=None, description="a PEFT adapter dir (e.g. from `openrft sft`) whose LoRA weights training starts "
+        "from; its rank and target modules must match `lora`. The KL reference (grpo.kl_coef) stays the base model "
+        "(adapter switched off), not this adapter",
+    )
     dataset: str = Field(description="JSONL, one task a line")
     envs: list[EnvEndpoint] = Field(min_length=1)
     evaluator: str | None = Field(
@@ -317,6 +322,26 @@ class TrainConfig(_Section):
         return self
 
 
+class SftConfig(_Section):
+    """`openrft sft`: LoRA supervised fine-tuning on conversations (trainer/learning/sft.py)."""
+
+    model: str = Field(description="local transformers model directory")
+    dataset: str = Field(description="JSONL of conversations in the OpenAI fine-tuning format (messages, optional tools)")
+    epochs: int = Field(default=3, ge=1, description="passes over the dataset")
+    batch_size: int = Field(default=8, ge=1, description="conversations per optimizer step")
+    micro_batch_size: int = Field(default=4, ge=1, description="sequences per forward/backward pass")
+    max_seq_len: int = Field(default=2048, ge=8, description="longer conversations are an error naming their line")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-4))
+    checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = only the end")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default as in train)")
+    run_dir: str = "runs/sft"
+    progress: bool = True
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -343,13 +368,13 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> None:
         current = fields[part].annotation
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
+def apply_override(data: dict[str, Any], assignment: str, schema: type[BaseModel] = TrainConfig) -> None:
     """Apply one `a.b=c` override in place; `c` is parsed as a YAML scalar / flow value."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     path = key.strip().split(".")
-    _known_keys(TrainConfig, path)
+    _known_keys(schema, path)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -368,6 +393,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 defaults: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides.
     `defaults` fill top-level keys the file and overrides leave out."""
+    return _load(path, overrides, defaults, TrainConfig)
+
+
+def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SftConfig:
+    """`openrft sft`'s config, read the same way as `load_config`."""
+    return _load(path, overrides, None, SftConfig)
+
+
+_C = TypeVar("_C", bound=BaseModel)
+
+
+def _load(path: str | Path | None, overrides: list[str] | tuple[str, ...], defaults: dict[str, Any] | None,
+          schema: type[_C]) -> _C:
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -384,16 +422,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         data = loaded or {}
     for assignment in overrides:
-        apply_override(data, assignment)
+        apply_override(data, assignment, schema)
         source = f"{source} (with --set)" if "--set" not in source else source
     for key, value in (defaults or {}).items():
         data.setdefault(key, value)
     try:
-        return TrainConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
+def save_config(config: BaseModel, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))

@@ -56,6 +56,51 @@ def load_tasks(path: str | Path) -> list[Task]:
 
 
 @dataclass
+class Conversation:
+    """One supervised example: an OpenAI fine-tuning row (`messages`, optional `tools`) and where it
+    came from (`file:line`, for errors about it)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    where: str
+
+
+def load_conversations(path: str | Path) -> list[Conversation]:
+    """Read JSONL conversations (OpenAI's fine-tuning format: `messages` with `tool_calls` and `tool`
+    turns, optional `tools`). Structural problems are DatasetErrors naming file:line (up to 10)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path}")
+    rows: list[Conversation] = []
+    problems: list[str] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        tools = row.get("tools") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            problems.append(f"{where}: field 'messages': expected a non-empty list of message objects")
+        elif not any(m.get("role") == "assistant" for m in messages):
+            problems.append(f"{where}: field 'messages': no assistant turn to learn from")
+        elif tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            problems.append(f"{where}: field 'tools': expected a list of tool objects")
+        else:
+            rows.append(Conversation(messages=messages, tools=tools or None, where=where))
+    if problems:
+        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DatasetError("\n".join(problems[:10]) + more)
+    if not rows:
+        raise DatasetError(f"{path}: no conversations (the file is empty)")
+    return rows
+
+
+@dataclass
 class TaskStream:
     """Endless stream of dataset indices: a fresh seeded permutation each epoch (or file order).
 

@@ -142,17 +142,59 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
     if not tokenizer.chat_template:
         raise ChatFormatError("the tokenizer has no chat template; give the model directory one (chat_template.jinja)")
     normalized = normalize_messages(messages)
+    return _encode(tokenizer, _render_text(tokenizer, normalized, tools, generation_prompt=True))
+
+
+def _render_text(tokenizer: PreTrainedTokenizerBase, normalized: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 *, generation_prompt: bool) -> str:
     has_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized)
     if has_tools and not template_supports_tools(tokenizer):
         normalized, tools = _hermes_fallback(normalized, tools), None
     try:
-        text = tokenizer.apply_chat_template(normalized, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(normalized, tools=tools or None, add_generation_prompt=generation_prompt,
+                                             tokenize=False)
     except Exception as exc:  # jinja errors (e.g. a template that rejects a role order)
         raise ChatFormatError(f"messages: the chat template could not render them: {exc}", "messages") from exc
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer itself: same ids, without the Python wrapper's cost
         return list(backend.encode(text, add_special_tokens=False).ids)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                        tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
+    """A whole conversation as (token ids, loss mask) for supervised fine-tuning: the mask is 1 on
+    exactly the tokens the model would have sampled for each assistant turn (the turn's text and the
+    stop token that ends it), 0 on everything the gateway would have put in the prompt. Each assistant
+    turn's prompt is `render_prompt(messages[:i], tools)`, the tokens RFT feeds the model there, and the
+    conversation must extend it (else ChatFormatError naming the turn)."""
+    if not tokenizer.chat_template:
+        raise ChatFormatError("the tokenizer has no chat template; give the model directory one (chat_template.jinja)")
+    normalized = normalize_messages(messages)
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int)}
+    stops.discard(tokenizer.unk_token_id)
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, msg in enumerate(normalized):
+        if msg["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ChatFormatError("messages[0]: a conversation cannot start with an assistant turn", "messages[0]")
+        prompt = _encode(tokenizer, _render_text(tokenizer, normalized[:i], tools, generation_prompt=True))
+        turn = _encode(tokenizer, _render_text(tokenizer, normalized[: i + 1], tools, generation_prompt=False))
+        if prompt[: len(ids)] != ids or turn[: len(prompt)] != prompt:
+            raise ChatFormatError(f"messages[{i}]: the chat template does not render this turn as an extension of "
+                                  "the previous ones, so its tokens would differ from what RFT samples", f"messages[{i}]")
+        completion = turn[len(prompt):]
+        end = next((k + 1 for k, t in enumerate(completion) if t in stops), len(completion))
+        mask += [0] * (len(prompt) - len(ids)) + [1] * end
+        ids = prompt + completion[:end]
+    if not ids:
+        raise ChatFormatError("messages: no assistant turn to learn from", "messages")
+    return ids, mask
 
 
 # --- parsing ------------------------------------------------------------------------------
