@@ -62,6 +62,7 @@ from trainer.learning.checkpoints import (
     groups_trained,
     latest_checkpoint,
     save_checkpoint,
+    start_from_adapter,
     truncate_logs,
 )
 from trainer.rollouts import (
@@ -134,6 +135,11 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
             stream.load_state_dict(state["data"])
             start = int(state["step"])
             logger.warning("resuming %s from step %d", run_dir, start)
+        elif config.init_adapter:
+            try:
+                start_from_adapter(learner, config.init_adapter, config.lora)
+            except ValueError as exc:
+                raise RunError(str(exc)) from None
         distributed.join(learner)  # the other learner ranks, if any, take rank 0's weights and optimizer
         truncate_logs(run_dir, start)
         if start >= config.steps:
@@ -145,6 +151,8 @@ async def _train(config: TrainConfig, resume: bool, envs: list[EnvEndpoint]) -> 
         try:
             if start:  # a backend with its own copy of the model must serve the resumed weights
                 await backend.weights_updated(checkpoint_dir(run_dir, start) / "adapter")
+            elif config.init_adapter:
+                await backend.weights_updated(Path(config.init_adapter))
             gateway = Gateway(backend, learner.tokenizer, default_max_tokens=config.sampling.max_tokens)
             async with serve_gateway(gateway.app, config.gateway.host, config.gateway.port, config.gateway.public_url) as url:
                 scheduler = RolloutScheduler(

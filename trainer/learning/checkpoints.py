@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.config import LoraConfig
 from trainer.data import TaskStream
 
 if TYPE_CHECKING:
@@ -42,6 +43,24 @@ def save_checkpoint(run_dir: Path, step: int, learner: Learner, stream: TaskStre
     shutil.rmtree(latest, ignore_errors=True)
     shutil.copytree(final / "adapter", latest)
     return final
+
+
+def start_from_adapter(learner: Learner, adapter_dir: str | Path, lora: LoraConfig) -> None:
+    """Load `init_adapter` (e.g. `openrft sft`'s output) into the learner's fresh LoRA: training goes
+    on from those weights. ValueError when its LoRA shape differs from the config's `lora`."""
+    from trainer.models.loading import adapter_config
+
+    saved = adapter_config(adapter_dir)
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules)
+    theirs = saved.get("target_modules")
+    theirs = sorted(theirs) if isinstance(theirs, list) else theirs
+    wrong = [f"{name}: adapter {a!r}, config {b!r}" for name, a, b in (
+        ("lora.rank", saved.get("r"), lora.rank), ("lora.alpha", saved.get("lora_alpha"), lora.alpha),
+        ("lora.target_modules", theirs, targets)) if a != b]
+    if wrong:
+        raise ValueError(f"init_adapter {adapter_dir}: its LoRA differs from this config's ({'; '.join(wrong)}); "
+                         "set `lora` to match the adapter")
+    learner.load_adapter_weights(adapter_dir)
 
 
 def _logged_step(line: str) -> float:
