@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-ENVS = ("math", "sql_tools", "json_extract", "code")
+ENVS = ("math", "sql_tools", "json_extract", "code", "calculator")
 SPLITS = ("train", "test")
 #: One task in TEST_SHARE lands in the test split.
 TEST_SHARE = 5
@@ -111,9 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200, help="rows to write")
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--kind", default=None, help="task kind, e.g. math: sums | arithmetic | word")
+    parser.add_argument("--demos", action="store_true",
+                        help="write demonstrations from the env's own solver (OpenAI fine-tuning rows, for "
+                        "`openrft sft`), from train tasks not in the shipped train/test files nor in --exclude")
+    parser.add_argument("--exclude", action="append", default=None, metavar="FILE",
+                        help="with --demos: a dataset whose tasks the demos must not use (repeatable)")
     args = parser.parse_args(argv)
     try:
-        rows = generate(args.name, split=args.split, seed=args.seed, n=args.n, kind=args.kind)
+        if args.demos:
+            from reference_envs.demos import demo_rows
+
+            exclude = None if args.exclude is None else [Path(p) for p in args.exclude] + [
+                default_path(args.name, s) for s in SPLITS]
+            rows, args.split = demo_rows(args.name, n=args.n, seed=args.seed, exclude=exclude), "demo"
+        else:
+            rows = generate(args.name, split=args.split, seed=args.seed, n=args.n, kind=args.kind)
     except ValueError as exc:
         print(f"openrft dataset: {exc}", file=sys.stderr)
         return 2

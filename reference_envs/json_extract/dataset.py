@@ -144,3 +144,8 @@ def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[
         "ground_truth": {"schema": t.schema, "fields": t.fields},
         "metadata": {"env": "json_extract", "task_id": t.task_id, "kind": t.kind, "split": split},
     } for t in tasks]
+
+
+def solution(task_row: dict[str, Any]) -> list[str | tuple[str, dict[str, Any]]]:
+    """The env's own solver: the one reply of a correct episode (the expected fields as JSON)."""
+    return [json.dumps(task(str(task_row["metadata"]["task_id"])).fields, ensure_ascii=False)]

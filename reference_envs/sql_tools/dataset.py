@@ -123,3 +123,20 @@ def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[
             "metadata": {"env": "sql_tools", "task_id": task_id, "seed": db_seed, "split": split},
         })
     return rows
+
+
+def _literal(value: Any) -> str:
+    return str(value) if isinstance(value, (int, float)) else "'" + str(value).replace("'", "''") + "'"
+
+
+def solution(task_row: dict[str, Any]) -> list[str | tuple[str, dict[str, Any]]]:
+    """The env's own solver, as the tool calls of a correct episode: list the tables, describe the one
+    the reference query reads first, run the reference query (parameters inlined), submit its answer."""
+    meta = task_row["metadata"]
+    q = question(int(meta["seed"]), str(meta["task_id"]))
+    sql = q.sql
+    for p in q.params:
+        sql = sql.replace("?", _literal(p), 1)
+    table = sql.split(" FROM ", 1)[1].split()[0]
+    return [("list_tables", {}), ("describe_table", {"table": table}), ("run_query", {"sql": sql}),
+            ("submit_answer", {"answer": q.answer})]
