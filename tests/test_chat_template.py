@@ -117,7 +117,7 @@ def test_hermes_parser() -> None:
     # malformed or unfinished blocks stay visible as text, never half-parsed
     for bad in ["<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"name": "add"']:
         out = parse_output(bad)
-        assert out == ParsedOutput(content=bad) and "tool_calls" not in out.message()
+        assert (out.content, out.tool_calls) == (bad, []) and "tool_calls" not in out.message()
 
 
 def test_parser_registry() -> None:
@@ -142,3 +142,30 @@ def test_tiny_template_and_hermes_agree(tokenizer) -> None:  # type: ignore[no-u
     messages = [CONVERSATION[0], parsed.message()]
     rendered = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n" + model_text + "<|im_end|>\n")
+
+
+def test_hermes_parser_reads_what_small_models_write() -> None:
+    as_list = parse_output('<tool_call>[{"name": "add", "arguments": {"a": 1}}, {"name": "neg", "arguments": {"x": 2}}]</tool_call>')
+    assert [c["function"]["name"] for c in as_list.tool_calls] == ["add", "neg"] and not as_list.invalid
+    quoted = parse_output("<tool_call>\n{'name': 'add', 'arguments': {'a': 1, 'b': 'x'}}\n</tool_call>")
+    assert json.loads(quoted.tool_calls[0]["function"]["arguments"]) == {"a": 1, "b": "x"}
+    unclosed = parse_output('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n')
+    assert unclosed.content == "Sure." and unclosed.tool_calls[0]["function"]["name"] == "add"
+    string_args = parse_output('<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>')
+    assert json.loads(string_args.tool_calls[0]["function"]["arguments"]) == {"a": 1}
+
+
+def test_hermes_parser_says_why_a_call_is_invalid() -> None:
+    cases = {
+        "<tool_call>{not json}</tool_call>": "not JSON",
+        '<tool_call>{"arguments": {}}</tool_call>': "no string `name`",
+        '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>': "`arguments` is not an object",
+        '<tool_call>"add"</tool_call>': "not an object",
+        '<tool_call>{"name": "add"': "not JSON",
+    }
+    for text, reason in cases.items():
+        out = parse_output(text)
+        assert out.tool_calls == [] and out.content == text, text
+        assert len(out.invalid) == 1 and out.invalid[0].startswith(reason), (text, out.invalid)
+    mixed = parse_output('<tool_call>{"name": "ok", "arguments": {}}</tool_call><tool_call>{bad}</tool_call>')
+    assert [c["function"]["name"] for c in mixed.tool_calls] == ["ok"] and len(mixed.invalid) == 1

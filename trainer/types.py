@@ -119,6 +119,7 @@ class CallRecord:
     response: dict[str, Any]  # the assistant message returned (content / tool_calls)
     finish_reason: str
     policy_version: int | None = None  # the policy version that sampled it, when the backend counts them
+    tool_call_errors: list[str] = field(default_factory=list)  # the parser's reasons for calls it could not read
 
 
 def extends(ids: list[int], prefix: list[int]) -> bool:

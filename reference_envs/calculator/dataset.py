@@ -11,10 +11,9 @@ from typing import Any
 
 from reference_envs.datasets import distinct_tasks, task_rng
 
-KINDS = ("mul_add", "mul_sub", "add_mul")
-INSTRUCTION = "Use the calculator tools for every step, then call submit_answer with the result."
-_SYMBOL = {"add": "+", "subtract": "-", "multiply": "*"}
-_OPS = {"mul_add": ("multiply", "add"), "mul_sub": ("multiply", "subtract"), "add_mul": ("add", "multiply")}
+KINDS = ("mul_add", "add_mul")
+INSTRUCTION = "Use the tools."
+_OPS = {"mul_add": ("multiply", "add"), "add_mul": ("add", "multiply")}
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Problem:
 
 
 def apply(op: str, a: int, b: int) -> int:
-    return {"add": a + b, "subtract": a - b, "multiply": a * b}[op]
+    return {"add": a + b, "multiply": a * b}[op]
 
 
 def problem(task_id: str) -> Problem:
@@ -46,7 +45,7 @@ def problem(task_id: str) -> Problem:
         a, b, c = rng.randint(101, 999), rng.randint(101, 999), rng.randint(12, 99)
         question = f"What is ({a} + {b}) * {c}?"
     else:
-        question = f"What is {a} * {b} {_SYMBOL[second]} {c}?"
+        question = f"What is {a} * {b} + {c}?"
     answer = apply(second, apply(first, a, b), c)
     return Problem(task_id=task_id, kind=kind, numbers=(a, b, c), question=question, answer=answer)
 
@@ -67,6 +66,6 @@ def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[
 
 
 def solution(task_row: dict[str, Any]) -> list[str | tuple[str, dict[str, Any]]]:
-    """The env's own solver: the tool calls (name, arguments) of a correct episode."""
+    """The env's own solver: the two tool calls (name, arguments) of a correct episode, then the answer."""
     p = problem(str(task_row["metadata"]["task_id"]))
-    return [(op, {"a": a, "b": b}) for op, a, b in p.steps()] + [("submit_answer", {"answer": p.answer})]
+    return [*((op, {"a": a, "b": b}) for op, a, b in p.steps()), f"The answer is {p.answer}."]

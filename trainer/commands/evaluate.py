@@ -31,6 +31,7 @@ from trainer.data import DatasetError, load_tasks
 from trainer.gateway.server import ServeError
 from trainer.generation.vllm_servers import VLLMError
 from trainer.rollouts.diagnosis import Tally, deadline_hint, explain
+from trainer.rollouts.episodes import episode_metrics
 from trainer.rollouts.local_envs import LocalEnvError, local_envs
 from trainer.rollouts.rewards import EvaluatorLoadError, load_evaluator
 from trainer.rollouts import EnvPool, EnvsUnreachable, ExternalEndpoint, GatewayEndpoint, ModelEndpoint, RolloutScheduler
@@ -52,6 +53,7 @@ class EvalResult:
     seconds: float = 0.0
     finished: int = 0
     notes: list[str] = field(default_factory=list)  # what went wrong and what to change, when something did
+    episodes: dict[str, float] = field(default_factory=dict)  # tool use, turns, terminations (rollouts/episodes.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -76,6 +78,7 @@ def summarize(groups: list[GroupResult], model: str, dataset: str, samples: int,
         mean_reward=statistics.fmean(rewards) if rewards else 0.0,
         pass_at_k={k: statistics.fmean(pass_at_k(samples, c, k) for c in passes) for k in sorted(set(ks)) if k <= samples},
         failures=dict(failure_counts(groups)), seconds=seconds, finished=sum(r.ok for r in rollouts),
+        episodes=episode_metrics(rollouts),
     )
 
 
@@ -204,9 +207,14 @@ def print_table(result: EvalResult, out: Path) -> None:
     for k in result.pass_at_k:
         table.add_column(f"pass@{k}", justify="right")
     table.add_column("failed", justify="right")
+    ep = result.episodes
+    for name in ("tool calls/rollout", "call validity", "turns"):
+        table.add_column(name, justify="right")
     table.add_row(result.dataset, str(result.tasks), str(result.samples), f"{result.mean_reward:.3f}",
                   *(f"{v:.3f}" for v in result.pass_at_k.values()),
-                  ", ".join(f"{k}: {n}" for k, n in result.failures.items()) or "0")
+                  ", ".join(f"{k}: {n}" for k, n in result.failures.items()) or "0",
+                  f"{ep.get('tools/calls_per_rollout', 0.0):.2f}", f"{ep.get('tools/validity', 1.0):.3f}",
+                  f"{ep.get('episode/turns', 0.0):.2f}")
     console = Console()
     console.print(table)
     console.print(f"written: {out}")

@@ -78,6 +78,7 @@ from trainer.rollouts.diagnosis import (
     nothing_trained,
     untrained_reason,
 )
+from trainer.rollouts.episodes import episode_metrics
 from trainer.rollouts.local_envs import LocalEnvError, local_envs
 from trainer.rollouts.rewards import EvaluatorLoadError, load_evaluator
 from trainer.types import GenerationBackend, GroupResult, RolloutResult, failure_counts
@@ -259,7 +260,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                 "groups/trained": float(batch.trained_groups), "rollouts/retries": float(scheduler.retries - retries_before),
                 "samples": float(len(batch.samples)), "tokens/trained": stats["tokens"],
                 "grad_norm": stats["grad_norm"], "logprob_abs_diff": stats.get("logprob_abs_diff", 0.0),
-                "prefix_mismatch": float(sum(r.prefix_mismatch for g in groups for r in g.rollouts)),
+                **episode_metrics([r for g in groups for r in g.rollouts]),  # tools, turns, terminations, prefix_mismatch
                 "peak_memory_mb": peak_memory_mb(learner.device),
                 **_tool_call_metrics(groups),
                 **taken.metrics, **sample_metrics(batch.samples, step, stats),

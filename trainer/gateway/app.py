@@ -241,6 +241,7 @@ class Gateway:
                 response=choice.message,
                 finish_reason=choice.finish_reason,
                 policy_version=choice.policy_version,
+                tool_call_errors=choice.tool_call_errors,
             )
             for choice in completion.choices
         ]

@@ -12,11 +12,14 @@ convention is spelled out in the messages themselves before rendering —
     (consecutive tool results share one user turn).
 
 Parsing goes through a small registry of tool-call parsers (`TOOL_PARSERS`, extend with
-`register_tool_parser`); "hermes" reads `<tool_call>{json}</tool_call>` blocks.
+`register_tool_parser`); "hermes" reads `<tool_call>{json}</tool_call>` blocks (and what small
+models write instead: a list of calls, single quotes, an unclosed last block), and says why a
+block it cannot read failed (`ParsedOutput.invalid`).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -43,6 +46,7 @@ class ParsedOutput:
 
     content: str | None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # why each attempted call that could not be read failed
 
     def message(self) -> dict[str, Any]:
         """The assistant message as the OpenAI API returns it."""
@@ -215,42 +219,67 @@ def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# a block runs to its closing tag, or (a turn that stopped before closing it) to the end of the text
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+
+
+def _load_payload(raw: str) -> tuple[Any, str]:
+    """(the block's value, "") or (None, why not). JSON first; then Python literal syntax, which is
+    what small models write when they use single quotes (`{'name': 'add', ...}`)."""
+    try:
+        return json.loads(raw), ""
+    except json.JSONDecodeError as exc:
+        error = f"not JSON ({exc.msg} at column {exc.colno})"
+    try:
+        return ast.literal_eval(raw), ""
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None, error
+
+
+def _hermes_call(payload: Any) -> tuple[dict[str, Any] | None, str]:
+    """One OpenAI tool call from a parsed block item, or (None, why not)."""
+    if not isinstance(payload, dict):
+        return None, f"not an object (a JSON {type(payload).__name__})"
+    if not isinstance(payload.get("name"), str) or not payload["name"]:
+        return None, "no string `name`"
+    arguments = payload.get("arguments", payload.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            return None, "`arguments` is a string that is not JSON"
+    if not isinstance(arguments, dict):
+        return None, f"`arguments` is not an object (a JSON {type(arguments).__name__})"
+    function = {"name": payload["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+    return {"id": new_tool_call_id(), "type": "function", "function": function}, ""
 
 
 @register_tool_parser("hermes")
 def parse_hermes(text: str) -> ParsedOutput:
-    """`<tool_call>{"name": .., "arguments": {..}}</tool_call>` blocks become tool calls; the
-    rest of the text is the content. A block that is not valid JSON with a string `name`
-    stays in the content as text, so a malformed call is visible, not lost."""
+    """`<tool_call>{"name": .., "arguments": {..}}</tool_call>` blocks become tool calls; the rest
+    of the text is the content. Also read as small models write them: a JSON list of calls inside
+    one block, single-quoted (Python-literal) keys and strings, a last block left unclosed at the end
+    of the turn. A block that still cannot be read stays in the content as text (a malformed call
+    is visible, not lost) and its reason is in `invalid`."""
     calls: list[dict[str, Any]] = []
+    invalid: list[str] = []
     kept: list[str] = []
     position = 0
     for match in _HERMES_CALL.finditer(text):
-        try:
-            payload = json.loads(match.group(1))
-        except json.JSONDecodeError:
+        payload, error = _load_payload(match.group(1))
+        items = payload if isinstance(payload, list) and payload else [payload]
+        parsed = [_hermes_call(item) for item in items] if not error else [(None, error)]
+        if any(call is None for call, _ in parsed):
+            invalid += [why for call, why in parsed if call is None]
             continue
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            continue
-        arguments = payload.get("arguments", payload.get("parameters", {}))
-        calls.append(
-            {
-                "id": new_tool_call_id(),
-                "type": "function",
-                "function": {
-                    "name": payload["name"],
-                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
-                },
-            }
-        )
+        calls += [call for call, _ in parsed if call is not None]
         kept.append(text[position : match.start()])
         position = match.end()
     kept.append(text[position:])
     if not calls:
-        return ParsedOutput(content=text)
+        return ParsedOutput(content=text, invalid=invalid)
     content = "".join(kept).strip()
-    return ParsedOutput(content=content or None, tool_calls=calls)
+    return ParsedOutput(content=content or None, tool_calls=calls, invalid=invalid)
 
 
 @register_tool_parser("none")

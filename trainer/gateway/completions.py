@@ -20,7 +20,7 @@ import functools
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
@@ -66,6 +66,7 @@ class ChoiceResult:
     message: dict[str, Any]
     finish_reason: str
     policy_version: int | None = None
+    tool_call_errors: list[str] = field(default_factory=list)  # why attempted tool calls could not be read
 
 
 @dataclass(slots=True)
@@ -188,7 +189,7 @@ class ChatCompleter:
         parsed = parse_output(text, self.tool_parser if parse_tools else "none")
         if parsed.tool_calls:
             finish = "tool_calls"
-        return ChoiceResult(ids, logprobs, parsed.message(), finish, gen.policy_version)
+        return ChoiceResult(ids, logprobs, parsed.message(), finish, gen.policy_version, parsed.invalid)
 
     def _logprobs(self, choice: ChoiceResult) -> dict[str, Any]:
         """OpenAI's `logprobs.content`: each completion token with its recorded (temperature-1)

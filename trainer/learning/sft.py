@@ -39,11 +39,14 @@ def _masked_nll(learner: Learner, chunk: list[SftExample]) -> tuple[torch.Tensor
         mask[row, :n] = torch.tensor(e.loss_mask)
         attention[row, :n] = 1
     ids, mask, attention = ids.to(learner.device), mask.to(learner.device), attention.to(learner.device)
-    logits = learner.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-    targets, weights = ids[:, 1:], mask[:, 1:].to(logits.dtype)
-    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            reduction="none").view_as(targets)
-    return (nll * weights).sum(), int(weights.sum().item())
+    targets, keep = ids[:, 1:], mask[:, 1:].bool()
+    if learner._head_is_plain():  # the LM head only on the positions that predict an assistant token
+        hidden = learner._body(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+        logits = learner._head(hidden[keep])
+    else:
+        logits = learner.model(input_ids=ids, attention_mask=attention).logits[:, :-1][keep]
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return nll, int(keep.sum().item())
 
 
 def sft_step(learner: Learner, batch: list[SftExample], micro_batch_size: int) -> dict[str, float]:
