@@ -1,3 +1,2 @@
-"""calculator: two-step arithmetic with calculator tools (`add`, `multiply`). Numbers are big enough
-that a small model cannot do them in its head: a successful episode makes two tool calls, then
-answers in text."""
+"""calculator: products of three two-digit numbers with a `multiply` tool. Too big for a small model
+to do in its head: a successful episode makes two tool calls, then answers in text."""

@@ -1,7 +1,8 @@
-"""Two-step arithmetic tasks over three-digit numbers: ``a OP1 b OP2 c`` evaluated left to right.
+"""Products of three two-digit numbers, ``a * b * c``: too big for a small model to do in its head,
+two `multiply` calls with the tool (a * b, then that times c).
 
 A task is identified by ``task_id = "<kind>/<number>"``; `problem(task_id)` rebuilds its numbers,
-question, answer and the reference solution (the tool calls that solve it) from the id alone.
+question, answer and the reference solution from the id alone.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from typing import Any
 
 from reference_envs.datasets import distinct_tasks, task_rng
 
-KINDS = ("mul_add", "add_mul")
-INSTRUCTION = "Use the tools."
-_OPS = {"mul_add": ("multiply", "add"), "add_mul": ("add", "multiply")}
+KINDS = ("product3",)
+INSTRUCTION = "Use the tool."
 
 
 @dataclass(frozen=True)
@@ -25,29 +25,17 @@ class Problem:
     answer: int
 
     def steps(self) -> list[tuple[str, int, int]]:
-        """The reference solution: (tool, a, b) for each arithmetic step, in order."""
+        """The reference solution: (tool, a, b) for each step, in order."""
         a, b, c = self.numbers
-        first, second = _OPS[self.kind]
-        partial = apply(first, a, b)
-        return [(first, a, b), (second, partial, c)]
-
-
-def apply(op: str, a: int, b: int) -> int:
-    return {"add": a + b, "multiply": a * b}[op]
+        return [("multiply", a, b), ("multiply", a * b, c)]
 
 
 def problem(task_id: str) -> Problem:
     """Rebuild a task from its id; ValueError for an id this env never made."""
     kind, rng = task_rng("calculator", task_id, KINDS)
-    a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(101, 999)
-    first, second = _OPS[kind]
-    if kind == "add_mul":
-        a, b, c = rng.randint(101, 999), rng.randint(101, 999), rng.randint(12, 99)
-        question = f"What is ({a} + {b}) * {c}?"
-    else:
-        question = f"What is {a} * {b} + {c}?"
-    answer = apply(second, apply(first, a, b), c)
-    return Problem(task_id=task_id, kind=kind, numbers=(a, b, c), question=question, answer=answer)
+    a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(12, 99)
+    return Problem(task_id=task_id, kind=kind, numbers=(a, b, c), question=f"What is {a} * {b} * {c}?",
+                   answer=a * b * c)
 
 
 def row(p: Problem, split: str) -> dict[str, Any]:
@@ -59,7 +47,7 @@ def row(p: Problem, split: str) -> dict[str, Any]:
 
 
 def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[dict[str, Any]]:
-    """`n` distinct tasks of `split` (all kinds mixed unless `kind` is given)."""
+    """`n` distinct tasks of `split`."""
     problems = distinct_tasks("calculator", problem, lambda p: p.question, kinds=KINDS, split=split, seed=seed,
                               n=n, kind=kind)
     return [row(p, split) for p in problems]

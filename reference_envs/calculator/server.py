@@ -1,4 +1,4 @@
-"""The calculator env server: a tool-using agent with `add` and `multiply`; the episode ends with
+"""The calculator env server: a tool-using agent with one tool, `multiply`; the episode ends with
 the model's text answer, scored from the task id. Prompts are short on purpose (the tool demo
 trains a 135M model on a CPU: every prompt token is paid for in every step).
 
@@ -15,12 +15,7 @@ from env_sdk import Agent, EvaluationResult, RolloutTask, create_env_app, tool_a
 from reference_envs.calculator.dataset import problem
 from reference_envs.calculator.evaluator import grade
 
-SYSTEM_PROMPT = "Use the tools for arithmetic, then answer with the number."
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
+SYSTEM_PROMPT = "Multiply with the tool, one step at a time, then answer with the number."
 
 
 def multiply(a: int, b: int) -> int:
@@ -34,7 +29,7 @@ def score(task: RolloutTask, messages: list[dict[str, Any]]) -> EvaluationResult
 
 
 def build_agent(*, max_turns: int = 4) -> Agent:
-    return tool_agent([add, multiply], evaluator=score, max_turns=max_turns, system_prompt=SYSTEM_PROMPT)
+    return tool_agent([multiply], evaluator=score, max_turns=max_turns, system_prompt=SYSTEM_PROMPT)
 
 
 def create_app(*, max_turns: int = 4, **server_options: Any) -> FastAPI:

@@ -149,7 +149,17 @@ def main(argv: list[str]) -> int:
                         help="SmolLM2 directory (default: converted once into ~/.cache/openrft/models)")
     parser.add_argument("--train-tasks", type=int, default=TRAIN_TASKS)
     parser.add_argument("--held-out-tasks", type=int, default=HELD_OUT_TASKS)
+    parser.add_argument("--env", default="math",
+                        help="math (the default demo), or a tool env (calculator, sql_tools, json_extract): base -> "
+                        "SFT on the env's demos -> SFT + RFT (trainer/commands/tool_demo.py)")
+    parser.add_argument("--demos", type=int, default=16, help="with a tool env: SFT demonstrations")
     args = parser.parse_args(argv)
+    if args.env != "math":
+        from trainer.commands.tool_demo import tool_demo_main
+
+        train_n = args.train_tasks if args.train_tasks != TRAIN_TASKS else 400
+        return tool_demo_main(args.env, args.overrides, args.run_dir, args.model_dir, demos=args.demos,
+                              train_n=train_n, test_n=args.held_out_tasks)
 
     from trainer.config import ConfigError, load_config
     from trainer.commands.train import USER_ERRORS
