@@ -80,6 +80,10 @@ def _plots(metrics: list[dict[str, Any]]) -> list[tuple[str, str]]:
             "seconds",
         ),
     ]
+    if any((_number(m.get("tools/calls_per_rollout")) or 0) > 0 or (_number(m.get("episode/turns")) or 0) > 1
+           for m in metrics):  # a multi-turn / tool run (rollouts/episodes.py)
+        panels.append(("Tool use", [("tools/calls_per_rollout", "tool calls / rollout"), ("episode/turns", "turns"),
+                                    ("tools/invalid_calls", "invalid calls")], "per rollout (invalid: count)"))
     out = []
     for title, keys, ylabel in panels:
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
