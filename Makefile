@@ -35,7 +35,11 @@ install: $(BIN)/openrft bwrap jemalloc chromium
 demo: install
 	$(BIN)/openrft demo
 
+# the tool demo: base -> SFT on the calculator env's demos -> SFT + RFT, held-out table (trainer/commands/tool_demo.py)
+demo-tools: install
+	$(BIN)/openrft demo --env calculator
+
 test: install
 	$(BIN)/pytest -q
 
-.PHONY: install bwrap jemalloc chromium demo test
+.PHONY: install bwrap jemalloc chromium demo demo-tools test
