@@ -67,17 +67,20 @@ def test_sft_lowers_the_loss_and_changes_outputs(tiny_model: Path, tmp_path: Pat
     assert greedy(tiny_model, None, prompt) != greedy(tiny_model, run_dir / "adapter", prompt)
 
 
-def test_a_bad_row_is_an_error_naming_file_and_line(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_bad_row_is_an_error_naming_file_and_line(tiny_model: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.commands.sft import main
+
     data = tmp_path / "demos.jsonl"
     bad_role = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"},
                              {"role": "assistant", "content": "ok"}]}
     data.write_text(json.dumps(conversation(1, 2)) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]})
                     + "\n" + json.dumps(bad_role) + "\n")
-    done = run_sft("--set", f"model={tiny_model}", f"dataset={data}", f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
-    assert done.returncode == 2
-    assert f"{data}:2: not valid JSON" in done.stderr
-    assert f"{data}:3: field 'messages': no assistant turn" in done.stderr
-    assert "Traceback" not in done.stderr
+    overrides = ["--set", f"model={tiny_model}", f"dataset={data}", f"run_dir={tmp_path / 'r'}"]
+    assert main(overrides) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: not valid JSON" in err and f"{data}:3: field 'messages': no assistant turn" in err
     data.write_text(json.dumps(conversation(1, 2)) + "\n" + json.dumps(bad_role) + "\n")
-    done = run_sft("--set", f"model={tiny_model}", f"dataset={data}", f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
-    assert done.returncode == 2 and f"{data}:2: messages[1].role" in done.stderr, done.stderr
+    assert main(overrides) == 2
+    assert f"{data}:2: messages[1].role" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

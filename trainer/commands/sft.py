@@ -67,15 +67,16 @@ def sft(config: SftConfig) -> Path:
 
     from trainer.learning.learner import Learner
     from trainer.learning.sft import mean_nll, sft_step
+    from trainer.models.loading import load_tokenizer
 
     run_dir = Path(config.run_dir)
     if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
         raise SftError(f"run_dir {run_dir} already holds a run (metrics.jsonl); set another run_dir")
     with torch_threads(config):  # type: ignore[arg-type]  # reads only .threads and .device
+        examples = tokenize_dataset(config, load_tokenizer(config.model))  # bad rows fail before the model loads
         seed_everything(config.seed)
         learner = Learner(config.model, lora=config.lora, optim=config.optim, grpo=GrpoConfig(), max_tokens=1,
                           device=config.device, dtype=config.dtype)
-        examples = tokenize_dataset(config, learner.tokenizer)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         rng = random.Random(config.seed)
