@@ -169,3 +169,32 @@ def test_hermes_parser_says_why_a_call_is_invalid() -> None:
         assert len(out.invalid) == 1 and out.invalid[0].startswith(reason), (text, out.invalid)
     mixed = parse_output('<tool_call>{"name": "ok", "arguments": {}}</tool_call><tool_call>{bad}</tool_call>')
     assert [c["function"]["name"] for c in mixed.tool_calls] == ["ok"] and len(mixed.invalid) == 1
+
+
+@pytest.mark.parametrize("which", ["tools_template", "hermes_fallback"])
+def test_sft_tokens_are_the_tokens_rft_samples(tokenizer, plain_tokenizer, which) -> None:  # type: ignore[no-untyped-def]
+    """render_conversation: each assistant turn's prompt is exactly the gateway's prompt for it, and the
+    loss mask covers exactly what the model would sample there (the turn's text + end of turn)."""
+    from trainer.gateway.chat import render_conversation
+
+    tok = tokenizer if which == "tools_template" else plain_tokenizer
+    conversation = [*CONVERSATION, {"role": "assistant", "content": "The answer is 5."}]
+    ids, mask = render_conversation(tok, conversation, TOOLS)
+    assert len(ids) == len(mask)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    spans, start = [], None
+    for k, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = k
+        if not m and start is not None:
+            spans.append((start, k))
+            start = None
+    assert [start for start, _ in spans] == [len(render_prompt(tok, conversation[:i], TOOLS)) for i in (1, 3)]
+    for (start, stop), i in zip(spans, (1, 3)):
+        assert ids[:start] == render_prompt(tok, conversation[:i], TOOLS)
+        assert ids[stop - 1] == end
+        sampled = parse_output(tok.decode(ids[start:stop - 1], skip_special_tokens=True))
+        assert sampled.message()["content"] == conversation[i]["content"]
+        assert [c["function"] for c in sampled.tool_calls] == [c["function"] for c in conversation[i].get("tool_calls", [])]
+    with pytest.raises(ChatFormatError, match="no assistant turn"):
+        render_conversation(tok, CONVERSATION[:1], TOOLS)
