@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import trainer.generation as generation
 from reference_envs.calculator.server import create_app
 from reference_envs.datasets import generate, write_jsonl
 from tests.helpers import serve_app
+from trainer import generation
 from trainer.commands.evaluate import evaluate
 from trainer.config import load_config
 from trainer.generation import ScriptedBackend

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.commands.runtime import seed_everything, torch_threads
-from trainer.config import ConfigError, GrpoConfig, SftConfig, load_sft_config, save_config
+from trainer.config import (
+    ConfigError,
+    GrpoConfig,
+    SftConfig,
+    load_sft_config,
+    save_config,
+)
 from trainer.data import DatasetError, load_conversations
 
 if TYPE_CHECKING:
