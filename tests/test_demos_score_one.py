@@ -17,7 +17,7 @@ from reference_envs.datasets import default_path
 from reference_envs.demos import _task_key, demo_rows
 
 
-@pytest.mark.parametrize("name", ["calculator", "sql_tools", "json_extract"])
+@pytest.mark.parametrize("name", ["calculator", "sql_tools", "json_extract", "math"])
 def test_demos_score_one_and_avoid_rft_and_test_tasks(name: str) -> None:
     rows = demo_rows(name, n=12, seed=3)
     evaluate = importlib.import_module(f"reference_envs.{name}.evaluator").evaluate
@@ -28,7 +28,7 @@ def test_demos_score_one_and_avoid_rft_and_test_tasks(name: str) -> None:
     shipped = {_task_key(json.loads(line)) for split in ("train", "test")
                for line in default_path(name, split).read_text().splitlines()}
     assert not shipped & {_task_key(r) for r in rows}
-    if name != "json_extract":  # tool envs: the demos call tools and carry the env's tool specs
+    if name in ("calculator", "sql_tools"):  # tool envs: the demos call tools and carry the env's tool specs
         assert rows[0]["tools"] and sum(bool(m.get("tool_calls")) for m in rows[0]["messages"]) >= 2
     assert demo_rows(name, n=12, seed=3) == rows  # deterministic from the seed
 

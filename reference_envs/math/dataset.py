@@ -85,3 +85,8 @@ def generate(*, split: str, seed: int, n: int, kind: str | None = None) -> list[
     problems = distinct_tasks("math", problem, lambda p: p.question, kinds=KINDS, split=split, seed=seed, n=n,
                               kind=kind)
     return [row(p, split) for p in problems]
+
+
+def solution(task_row: dict[str, Any]) -> list[str | tuple[str, dict[str, Any]]]:
+    """The env's own solver: the answer, as the one reply of a correct episode."""
+    return [str(problem(str(task_row["metadata"]["task_id"])).answer)]
