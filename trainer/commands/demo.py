@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--env", default="math",
                         help="math (the default demo), or a tool env (calculator, sql_tools, json_extract): base -> "
                         "SFT on the env's demos -> SFT + RFT (trainer/commands/tool_demo.py)")
-    parser.add_argument("--demos", type=int, default=16, help="with a tool env: SFT demonstrations")
+    parser.add_argument("--demos", type=int, default=12, help="with a tool env: SFT demonstrations")
     args = parser.parse_args(argv)
     if args.env != "math":
         from trainer.commands.tool_demo import tool_demo_main
