@@ -44,9 +44,9 @@ def test_calculator_demos_need_two_tool_calls_and_render_for_sft(tmp_path: Path)
         names = [c["function"]["name"] for m in row["messages"] for c in m.get("tool_calls") or []]
         assert len(names) >= 2 and set(names) == {"multiply"} and row["messages"][-1]["content"]
     from trainer.commands.sft import tokenize_dataset
-    from trainer.config import SftConfig
     from trainer.models import build_tiny_model
     from trainer.models.loading import load_tokenizer
+    from trainer.sft_config import SftConfig
 
     model = build_tiny_model(tmp_path / "tiny")
     examples = tokenize_dataset(SftConfig(model=str(model), dataset=str(out)), load_tokenizer(model))

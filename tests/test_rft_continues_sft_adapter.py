@@ -16,8 +16,8 @@ from tests.helpers import serve_app
 from tests.test_train_e2e import vowel_agent, write_config
 from trainer.commands.sft import sft
 from trainer.commands.train import main
-from trainer.config import SftConfig
 from trainer.learning.learner import Learner
+from trainer.sft_config import SftConfig
 
 
 @pytest.fixture(scope="module")

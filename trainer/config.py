@@ -256,11 +256,9 @@ class TraceConfig(_Section):
 
 class TrainConfig(_Section):
     model: str = Field(description="local transformers model directory")
-    init_adapter: str | None = Field(
-        default=None, description="a PEFT adapter dir (e.g. from `openrft sft`) whose LoRA weights training starts "
-        "from; its rank and target modules must match `lora`. The KL reference (grpo.kl_coef) stays the base model "
-        "(adapter switched off), not this adapter",
-    )
+    init_adapter: str | None = Field(default=None, description="a PEFT adapter dir (e.g. `openrft sft`'s) whose "
+        "LoRA weights training starts from (rank, alpha, target modules must match `lora`); the KL reference "
+        "(grpo.kl_coef) stays the base model, adapter off, not this adapter")
     dataset: str = Field(description="JSONL, one task a line")
     envs: list[EnvEndpoint] = Field(min_length=1)
     evaluator: str | None = Field(
@@ -322,26 +320,6 @@ class TrainConfig(_Section):
         return self
 
 
-class SftConfig(_Section):
-    """`openrft sft`: LoRA supervised fine-tuning on conversations (trainer/learning/sft.py)."""
-
-    model: str = Field(description="local transformers model directory")
-    dataset: str = Field(description="JSONL of conversations in the OpenAI fine-tuning format (messages, optional tools)")
-    epochs: int = Field(default=3, ge=1, description="passes over the dataset")
-    batch_size: int = Field(default=8, ge=1, description="conversations per optimizer step")
-    micro_batch_size: int = Field(default=4, ge=1, description="sequences per forward/backward pass")
-    max_seq_len: int = Field(default=2048, ge=8, description="longer conversations are an error naming their line")
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-4))
-    checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = only the end")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default as in train)")
-    run_dir: str = "runs/sft"
-    progress: bool = True
-
-
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -394,11 +372,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides.
     `defaults` fill top-level keys the file and overrides leave out."""
     return _load(path, overrides, defaults, TrainConfig)
-
-
-def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SftConfig:
-    """`openrft sft`'s config, read the same way as `load_config`."""
-    return _load(path, overrides, None, SftConfig)
 
 
 _C = TypeVar("_C", bound=BaseModel)

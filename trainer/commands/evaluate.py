@@ -207,16 +207,16 @@ def print_table(result: EvalResult, out: Path) -> None:
     for k in result.pass_at_k:
         table.add_column(f"pass@{k}", justify="right")
     table.add_column("failed", justify="right")
-    ep = result.episodes
-    for name in ("tool calls/rollout", "call validity", "turns"):
-        table.add_column(name, justify="right")
     table.add_row(result.dataset, str(result.tasks), str(result.samples), f"{result.mean_reward:.3f}",
                   *(f"{v:.3f}" for v in result.pass_at_k.values()),
-                  ", ".join(f"{k}: {n}" for k, n in result.failures.items()) or "0",
-                  f"{ep.get('tools/calls_per_rollout', 0.0):.2f}", f"{ep.get('tools/validity', 1.0):.3f}",
-                  f"{ep.get('episode/turns', 0.0):.2f}")
+                  ", ".join(f"{k}: {n}" for k, n in result.failures.items()) or "0")
     console = Console()
     console.print(table)
+    ep = result.episodes
+    if ep.get("tools/calls_per_rollout") or ep.get("tools/invalid_calls") or ep.get("episode/turns", 0) > 1:
+        ends = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in ep.items() if k.startswith("termination/"))
+        console.print(f"tool calls / rollout {ep['tools/calls_per_rollout']:.2f} (rate {ep['tools/call_rate']:.0%}), "
+                      f"call validity {ep['tools/validity']:.1%}, turns {ep['episode/turns']:.2f}, ends: {ends}")
     console.print(f"written: {out}")
 
 

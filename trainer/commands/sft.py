@@ -25,14 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.commands.runtime import seed_everything, torch_threads
-from trainer.config import (
-    ConfigError,
-    GrpoConfig,
-    SftConfig,
-    load_sft_config,
-    save_config,
-)
+from trainer.config import ConfigError, GrpoConfig, save_config
 from trainer.data import DatasetError, load_conversations
+from trainer.sft_config import SftConfig, load_sft_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -121,7 +116,7 @@ def sft(config: SftConfig) -> Path:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="openrft sft", description="LoRA supervised fine-tuning on JSONL conversations")
-    parser.add_argument("config", nargs="?", help="YAML or JSON config (see SftConfig in trainer/config.py); or only --set")
+    parser.add_argument("config", nargs="?", help="YAML or JSON config (see SftConfig in trainer/sft_config.py); or only --set")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set epochs=2 optim.lr=1e-4")
     args = parser.parse_args(argv)

@@ -136,8 +136,9 @@ def tool_demo_main(env: str, overrides: list[str], run_dir: Path | None, model_d
 
     from trainer.commands.sft import SftError
     from trainer.commands.train import USER_ERRORS
-    from trainer.config import ConfigError, load_config, load_sft_config
+    from trainer.config import ConfigError, load_config
     from trainer.models.smollm2 import convert_smollm2
+    from trainer.sft_config import load_sft_config
 
     run_dir = run_dir or Path("runs") / time.strftime(f"demo-{env}-%Y%m%d-%H%M%S")
     try:
