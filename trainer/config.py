@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -256,9 +256,7 @@ class TraceConfig(_Section):
 
 class TrainConfig(_Section):
     model: str = Field(description="local transformers model directory")
-    init_adapter: str | None = Field(default=None, description="a PEFT adapter dir (e.g. `openrft sft`'s) whose "
-        "LoRA weights training starts from (rank, alpha, target modules must match `lora`); the KL reference "
-        "(grpo.kl_coef) stays the base model, adapter off, not this adapter")
+    init_adapter: str | None = Field(None, description="PEFT adapter to start from (openrft sft's); KL ref: base model")
     dataset: str = Field(description="JSONL, one task a line")
     envs: list[EnvEndpoint] = Field(min_length=1)
     evaluator: str | None = Field(
@@ -368,17 +366,9 @@ def apply_override(data: dict[str, Any], assignment: str, schema: type[BaseModel
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                defaults: dict[str, Any] | None = None) -> TrainConfig:
+                defaults: dict[str, Any] | None = None, schema: type[BaseModel] = TrainConfig) -> Any:
     """Read a YAML/JSON config file (or start empty if `path` is None) and apply `--set` overrides.
-    `defaults` fill top-level keys the file and overrides leave out."""
-    return _load(path, overrides, defaults, TrainConfig)
-
-
-_C = TypeVar("_C", bound=BaseModel)
-
-
-def _load(path: str | Path | None, overrides: list[str] | tuple[str, ...], defaults: dict[str, Any] | None,
-          schema: type[_C]) -> _C:
+    `defaults` fill top-level keys the file and overrides leave out; `schema`: TrainConfig or SftConfig."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:

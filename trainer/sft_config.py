@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainer.config import LoraConfig, OptimConfig, _load, _Section
+from trainer.config import LoraConfig, OptimConfig, _Section, load_config
 
 
 class SftConfig(_Section):
@@ -35,4 +35,5 @@ class SftConfig(_Section):
 
 def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SftConfig:
     """`openrft sft`'s config, read the same way as `load_config`."""
-    return _load(path, overrides, None, SftConfig)
+    config: SftConfig = load_config(path, overrides, schema=SftConfig)
+    return config
