@@ -70,6 +70,18 @@ def lora_state(learner: Learner) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
 
 
+def run_under_torchrun(model_dir: Path, out_dir: Path, *mode: str) -> None:
+    """This script under `torchrun --nproc-per-node 2` (real processes, gloo), as the tests run it."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+           "-m", "tests.ranks_step", str(model_dir), str(out_dir), *mode]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                          timeout=180, env={**os.environ}, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def main(model_dir: str, out_dir: str) -> None:
     results: dict[str, Any] = {}
     config = make_config(model_dir, "token_mean")

@@ -8,19 +8,21 @@ is refused."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ranks_step import init_lora, lora_state, make_config, make_samples
+from tests.ranks_step import (
+    init_lora,
+    lora_state,
+    make_config,
+    make_samples,
+    run_under_torchrun,
+)
 from trainer.config import ConfigError, load_config
 from trainer.learning.learner import Learner
 
-REPO = Path(__file__).resolve().parent.parent
 ATOL = 1e-5  # fp32; a step moves weights by about lr = 1e-2
 
 
@@ -34,11 +36,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-           "-m", "tests.ranks_step", str(tiny_model), str(out), "fsdp"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ},
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_torchrun(tiny_model, out, "fsdp")
     return out
 
 
