@@ -7,7 +7,6 @@ sampling fills each step with groups that teach."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,6 @@ async def agent(task: RolloutTask, client: openai.AsyncOpenAI) -> AgentResult:
     tie = int(task.messages[-1]["content"].split()[-1]) % 2 == 0  # "Tell me about {i}" (write_dataset)
     reward = 1.0 if tie else sum(c in "aeiou" for c in text) / max(1, len(text))
     return AgentResult(reward=reward, messages=[*task.messages, {"role": "assistant", "content": text}])
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

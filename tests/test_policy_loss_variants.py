@@ -83,13 +83,6 @@ def test_truncated_importance_sampling_caps_the_ratio() -> None:
     assert grad[0] == pytest.approx([1.1, 1.0])
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.mark.parametrize("kind", ["gspo", "cispo"])
 def test_each_variant_moves_logprobs_along_the_advantage(tiny_model: Path, kind: str) -> None:
     from tests.test_grpo_loss import _samples, make_learner

@@ -21,13 +21,6 @@ from trainer.sft_config import SftConfig
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
 def sft_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sft")
     rows = [{"messages": [{"role": "user", "content": f"Tell me about {i}"},

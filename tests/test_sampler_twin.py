@@ -8,20 +8,12 @@ import asyncio
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.test_grpo_loss import make_learner
 from trainer.generation.transformers_backend import TransformersBackend
 from trainer.generation.versioned import VersionedBackend, shadow_model
 from trainer.types import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_twin_shares_the_base_and_owns_its_adapter(tiny_model: Path) -> None:

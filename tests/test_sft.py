@@ -24,13 +24,6 @@ def conversation(a: int, b: int) -> dict:
                          {"role": "assistant", "content": f"The answer is {a + b}."}], "tools": TOOLS}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def run_sft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "trainer.cli", "sft", *args], check=False, cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

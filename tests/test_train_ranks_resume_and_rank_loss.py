@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from env_sdk import AgentResult, RolloutTask, create_env_app
@@ -32,13 +31,6 @@ async def vowel_agent(task: RolloutTask, client: Any) -> AgentResult:
     text = reply.choices[0].message.content or ""
     return AgentResult(reward=sum(c in "aeiou" for c in text) / max(1, len(text)),
                        messages=[*task.messages, {"role": "assistant", "content": text}], termination_reason="stop")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def steps_logged(run_dir: Path) -> list[int]:

@@ -154,26 +154,27 @@ def main(argv: list[str]) -> int:
                         "SFT on the env's demos -> SFT + RFT (trainer/commands/tool_demo.py)")
     parser.add_argument("--demos", type=int, default=12, help="with a tool env: SFT demonstrations")
     args = parser.parse_args(argv)
-    if args.env != "math":
-        from trainer.commands.tool_demo import tool_demo_main
-
-        train_n = args.train_tasks if args.train_tasks != TRAIN_TASKS else 400
-        return tool_demo_main(args.env, args.overrides, args.run_dir, args.model_dir, demos=args.demos,
-                              train_n=train_n, test_n=args.held_out_tasks)
-
-    from trainer.config import ConfigError, load_config
+    from trainer.commands.sft import SftError
     from trainer.commands.train import USER_ERRORS
+    from trainer.config import ConfigError, load_config
     from trainer.models.smollm2 import convert_smollm2
 
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
+        if args.env != "math":
+            from trainer.commands.tool_demo import tool_demo_main
+
+            train_n = args.train_tasks if args.train_tasks != TRAIN_TASKS else 400
+            tool_demo_main(args.env, args.overrides, args.run_dir, args.model_dir, demos=args.demos,
+                           train_n=train_n, test_n=args.held_out_tasks)
+            return 0
         config = load_config(args.config, args.overrides)
         if (run_dir / "metrics.jsonl").is_file():
             raise ConfigError(f"--run-dir {run_dir} already holds a run; choose another")
         print("preparing SmolLM2-135M-Instruct (converted once, then cached) ...", flush=True)
         model_dir = args.model_dir or convert_smollm2()
         run_demo(config, run_dir, model_dir=Path(model_dir), train_n=args.train_tasks, test_n=args.held_out_tasks)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, SftError) as exc:
         print(f"openrft demo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -131,28 +131,17 @@ def run_tool_demo(env: str, config: Any, sft_config: Any, run_dir: Path, *, mode
 
 
 def tool_demo_main(env: str, overrides: list[str], run_dir: Path | None, model_dir: Path | None, *, demos: int,
-                   train_n: int, test_n: int) -> int:
-    import sys
-
-    from trainer.commands.sft import SftError
-    from trainer.commands.train import USER_ERRORS
+                   train_n: int, test_n: int) -> None:
+    """`openrft demo --env NAME`: raises the user errors `openrft demo` reports (demo.main)."""
     from trainer.config import ConfigError, load_config
     from trainer.models.smollm2 import convert_smollm2
     from trainer.sft_config import load_sft_config
 
     run_dir = run_dir or Path("runs") / time.strftime(f"demo-{env}-%Y%m%d-%H%M%S")
-    try:
-        if (run_dir / "tool_demo.json").is_file() or (run_dir / "rft" / "metrics.jsonl").is_file():
-            raise ConfigError(f"--run-dir {run_dir} already holds a run; choose another")
-        config = load_config(CONFIG, [f"envs=[{{module: 'reference_envs.{env}.server:app'}}]", *overrides])
-        sft_config = load_sft_config(SFT_CONFIG, ["model=", "dataset="])
-        print("preparing SmolLM2-135M-Instruct (converted once, then cached) ...", flush=True)
-        run_tool_demo(env, config, sft_config, run_dir, model_dir=Path(model_dir or convert_smollm2()), demos=demos,
-                      train_n=train_n, test_n=test_n)
-    except (*USER_ERRORS, SftError) as exc:
-        print(f"openrft demo: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("openrft demo: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    if (run_dir / "tool_demo.json").is_file() or (run_dir / "rft" / "metrics.jsonl").is_file():
+        raise ConfigError(f"--run-dir {run_dir} already holds a run; choose another")
+    config = load_config(CONFIG, [f"envs=[{{module: 'reference_envs.{env}.server:app'}}]", *overrides])
+    sft_config = load_sft_config(SFT_CONFIG, ["model=", "dataset="])
+    print("preparing SmolLM2-135M-Instruct (converted once, then cached) ...", flush=True)
+    run_tool_demo(env, config, sft_config, run_dir, model_dir=Path(model_dir or convert_smollm2()), demos=demos,
+                  train_n=train_n, test_n=test_n)
