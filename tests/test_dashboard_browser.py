@@ -102,10 +102,12 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path: Path) -> None:
             _wait("the reward curve to gain points", lambda: points() >= 3)  # step 5 waits for GATES[5]
             assert proc.poll() is None
             # (the live page redraws its rows as steps land: click and read in the page, in one go)
-            _wait("a rollout row to click", lambda: browser.execute_script(
-                "const row = document.querySelector('tr.rollout-row'); if (row) row.click(); return !!row;"))
-            turns = _wait("the conversation", lambda: browser.execute_script(
-                "return [...document.querySelectorAll('#conversation .msg')].map(m => m.innerText);"))
+            # (a step landing between the click and the read redraws the rows and clears the conversation:
+            # click again until one shows)
+            turns = _wait("a rollout's conversation", lambda: browser.execute_script(
+                "const turns = [...document.querySelectorAll('#conversation .msg')].map(m => m.innerText);"
+                "if (turns.length) return turns;"
+                "const row = document.querySelector('tr.rollout-row'); if (row) row.click(); return null;"))
             roles = [t.split("\n")[0].strip().lower() for t in turns]
             assert roles == ["user", "assistant", "user", "assistant"], turns
             assert "Say more." in turns[2]
