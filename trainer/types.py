@@ -67,6 +67,7 @@ class BackendStats:
     rows: int = 0
     joined: int = 0  # rows that joined a batch already decoding
     prefilled_rows: int = 0  # prompts prefilled (identical prompts admitted together count once)
+    prefilled_tokens: int = 0  # prompt tokens run through the model (a prefix shared by prompts counts once)
     generated_tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 

@@ -5,6 +5,7 @@ finish (continuous batching); sampling with per-request seeds and temperature-1 
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ def _resolve(future: asyncio.Future[Generation], result: Generation | BaseExcept
     else:
         future.set_result(result)
 
+
+#: Shortest prefix shared by the prompts of one prefill that is computed once (shorter: not worth a forward).
+SHARED_PREFIX_MIN = 16
 
 #: Sampling uniforms drawn per row at a time.
 _DRAWS = 64
@@ -165,7 +169,9 @@ class Decoder:
         self.rows += rows
 
     def _prefill(self, requests: list[Request]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """One forward over the distinct prompts (left-padded): (cache, mask, last logits), one row per request."""
+        """One forward over the distinct prompts (left-padded): (cache, mask, last logits), one row per
+        request. A prefix all of them share (a system prompt, tool schemas, a template's head) of at
+        least `SHARED_PREFIX_MIN` tokens is run once, on one row, and the prompts' rest continues it."""
         import torch
 
         backend, device = self.backend, self.device
@@ -173,24 +179,63 @@ class Decoder:
         for r in requests:
             slot.setdefault(tuple(r.prompt_ids), len(slot))
         unique = list(slot)
-        width = max(len(p) for p in unique)
+        shared = 0
+        if len(unique) > 1:  # every prompt keeps at least its last token: its logits start the decoding
+            shared = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
+        cache = None
+        if shared >= SHARED_PREFIX_MIN:
+            cache = self._shared_prefix(unique[0][:shared], len(unique))
+        if cache is None:
+            shared = 0
+        suffixes = [p[shared:] for p in unique]
+        width = max(len(p) for p in suffixes)
         ids = torch.full((len(unique), width), backend.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for i, prompt in enumerate(unique):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix) :] = torch.tensor(suffix)
+            mask[i, width - len(suffix) :] = 1
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        # columns: [shared prefix][left padding][suffix], so each row's suffix continues the prefix
+        seen = torch.cat([mask.new_ones((len(unique), shared)), mask], dim=1)
+        out = self.model(input_ids=ids, attention_mask=seen, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         backend.stats.forward_calls += 1
         backend.stats.prefilled_rows += len(unique)
+        backend.stats.prefilled_tokens += sum(len(s) for s in suffixes)
         logits = out.logits[:, -1, :].float()
         cache = out.past_key_values
+        if shared:  # to the decoder's layout: [left padding][prompt], each row's tokens contiguous
+            pads = torch.tensor([width - len(s) for s in suffixes], device=device)
+            cols = torch.arange(shared + width, device=device)[None, :]
+            mask = (cols >= pads[:, None]).long()
+            in_prefix = (cols >= pads[:, None]) & (cols < pads[:, None] + shared)
+            source = torch.where(in_prefix, cols - pads[:, None], torch.where(cols < pads[:, None], shared + cols, cols))
+            for layer in cache.layers:
+                index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
         if len(unique) < len(requests):
             index = torch.tensor([slot[tuple(r.prompt_ids)] for r in requests], device=device)
             cache.batch_select_indices(index)
             logits, mask = logits[index], mask[index]
         return cache, mask, logits
+
+    def _shared_prefix(self, prefix: list[int], rows: int) -> Any:
+        """The KV cache of `prefix`, computed once and repeated for `rows` rows; None when the model's
+        cache is not made of plain full-attention layers (their tensors cannot be edited this way)."""
+        import torch
+
+        ids = torch.tensor([prefix], device=self.device)
+        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        self.backend.stats.forward_calls += 1
+        self.backend.stats.prefilled_tokens += len(prefix)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return None
+        for layer in layers:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+        return cache
 
     def _prompt_of(self, j: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Running row j's prompt as a one-row part: its KV columns, mask, and logits after it.
