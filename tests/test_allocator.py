@@ -12,12 +12,18 @@ from trainer.commands.allocator import find_jemalloc, preload_env
 
 # The child process stands in for `openrft train`: it asks to be re-executed, then reports.
 CHILD = """
-import os
+import ctypes, os
 from trainer.commands.allocator import reexec_under_jemalloc
 print("pid", os.getpid(), flush=True)
 reexec_under_jemalloc()
 maps = open("/proc/self/maps").read()
-print("pid", os.getpid(), "jemalloc", "libjemalloc" in maps, "LD_PRELOAD", os.environ.get("LD_PRELOAD", "-"))
+decay = "-"
+if "libjemalloc" in maps:  # the option jemalloc read at start-up
+    value, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    ctypes.CDLL(None).mallctl(b"opt.dirty_decay_ms", ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0))
+    decay = value.value
+print("pid", os.getpid(), "jemalloc", "libjemalloc" in maps, "decay", decay,
+      "LD_PRELOAD", os.environ.get("LD_PRELOAD", "-"), "MALLOC_CONF", os.environ.get("MALLOC_CONF", "-"))
 """
 
 
@@ -31,7 +37,15 @@ def test_reexec_loads_jemalloc_once_and_leaves_children_env_as_it_was() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENRFT_ALLOCATOR")}
     before, again, after = _run(env)  # the script runs twice: before and after the re-execution
     assert before.split()[1] == again.split()[1] == after.split()[1]  # execve keeps the pid: one process
-    assert after.endswith("jemalloc True LD_PRELOAD -")  # loaded, and not passed on to its children
+    # loaded, keeping freed pages (no decay: no page-fault storm), and neither passed on to its children
+    assert after.endswith("jemalloc True decay -1 LD_PRELOAD - MALLOC_CONF -")
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 not installed (make install adds it as root)")
+def test_a_users_malloc_conf_is_left_as_it_is() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENRFT_ALLOCATOR")}
+    *_, after = _run(env | {"MALLOC_CONF": "dirty_decay_ms:5000"})
+    assert after.endswith("jemalloc True decay 5000 LD_PRELOAD - MALLOC_CONF dirty_decay_ms:5000")
 
 
 def test_opt_out_and_other_platforms_keep_the_system_allocator() -> None:

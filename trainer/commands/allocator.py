@@ -8,6 +8,12 @@ bench/README.md). An allocator has to be chosen before the process starts, so `o
 itself once with jemalloc in LD_PRELOAD, the way PyTorch's own CPU launcher
 (`python -m torch.backends.xeon.run_cpu --enable-jemalloc`) does.
 
+jemalloc runs with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1` (unless MALLOC_CONF is set): freed pages stay
+with the process for reuse instead of being handed back to the kernel after a delay. With the default decay,
+the generation thread of a pipelined step (async.max_staleness 2, SmolLM2) spent 40% of its time in the kernel,
+taking 145 k minor page faults a second on pages just returned; with it, 0.2% and 0.4 k a second, steps went
+from 9.4 s to 5.4 s, and peak RSS from 1.89 to 2.07 GB (bench/README.md).
+
 `OPENRFT_ALLOCATOR=system` keeps glibc's malloc. Without jemalloc installed (Debian/Ubuntu:
 `apt-get install libjemalloc2`; `make install` does it as root) nothing changes.
 """
@@ -22,6 +28,8 @@ from pathlib import Path
 
 ENV_CHOICE = "OPENRFT_ALLOCATOR"  # "jemalloc" (default when installed) or "system"
 _MARK = "OPENRFT_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
+_CONF_MARK = "OPENRFT_ALLOCATOR_CONF"  # set when MALLOC_CONF is ours: children do not inherit it
+KEEP_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -44,7 +52,8 @@ def preload_env(env: Mapping[str, str]) -> dict[str, str] | None:
     preload = env.get("LD_PRELOAD", "")
     if lib is None or "jemalloc" in preload:
         return None
-    return {**env, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _MARK: lib}
+    conf = {} if "MALLOC_CONF" in env else {"MALLOC_CONF": KEEP_PAGES, _CONF_MARK: "1"}
+    return {**env, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _MARK: lib, **conf}
 
 
 def reexec_under_jemalloc() -> None:
@@ -53,6 +62,8 @@ def reexec_under_jemalloc() -> None:
     and other children it starts keep their own allocator."""
     if _MARK in os.environ:
         lib = os.environ.pop(_MARK)
+        if os.environ.pop(_CONF_MARK, None):
+            os.environ.pop("MALLOC_CONF", None)
         rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != lib]
         if rest:
             os.environ["LD_PRELOAD"] = ":".join(rest)
