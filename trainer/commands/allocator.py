@@ -12,7 +12,7 @@ jemalloc runs with `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1` (unless MAL
 with the process for reuse instead of being handed back to the kernel after a delay. With the default decay,
 the generation thread of a pipelined step (async.max_staleness 2, SmolLM2) spent 40% of its time in the kernel,
 taking 145 k minor page faults a second on pages just returned; with it, 0.2% and 0.4 k a second, steps went
-from 9.4 s to 5.4 s, and peak RSS from 1.89 to 2.07 GB (bench/README.md).
+from 9.4 s to 5.4 s, and peak RSS from 1.89 to 2.07 GB (8-step demo runs, 2-core CPU).
 
 `OPENRFT_ALLOCATOR=system` keeps glibc's malloc. Without jemalloc installed (Debian/Ubuntu:
 `apt-get install libjemalloc2`; `make install` does it as root) nothing changes.

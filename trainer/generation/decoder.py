@@ -131,9 +131,7 @@ class Decoder:
             cache, mask, logits = self._prefill(fresh)
             if self.cache is None:  # the batch's first rows: their cache becomes the running one
                 self.cache = cache
-                layers = getattr(cache, "layers", None)
-                # joining, sharing and trimming edit the cache tensors: plain full-attention layers only
-                self.can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+                self.can_join = _editable(cache)
                 self.mask, self.logits = mask, logits
             else:
                 parts.append(([(layer.keys, layer.values) for layer in cache.layers], mask, logits))
@@ -210,7 +208,7 @@ class Decoder:
             cols = torch.arange(shared + width, device=device)[None, :]
             mask = (cols >= pads[:, None]).long()
             in_prefix = (cols >= pads[:, None]) & (cols < pads[:, None] + shared)
-            source = torch.where(in_prefix, cols - pads[:, None], torch.where(cols < pads[:, None], shared + cols, cols))
+            source = torch.where(in_prefix, cols - pads[:, None], cols)  # padding columns: any value, masked
             for layer in cache.layers:
                 index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
@@ -229,10 +227,9 @@ class Decoder:
         cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
         self.backend.stats.forward_calls += 1
         self.backend.stats.prefilled_tokens += len(prefix)
-        layers = getattr(cache, "layers", None)
-        if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        if not _editable(cache):
             return None
-        for layer in layers:
+        for layer in cache.layers:
             layer.keys = layer.keys.expand(rows, -1, -1, -1)
             layer.values = layer.values.expand(rows, -1, -1, -1)
         return cache
@@ -332,6 +329,12 @@ class Decoder:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _editable(cache: Any) -> bool:
+    """Whether joining, sharing and trimming may edit `cache`'s tensors: plain full-attention layers only."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
 def _left_pad(t: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
