@@ -302,3 +302,25 @@ def test_build_batch_drops_small_groups_and_skips_ties() -> None:
     assert (batch.trained_groups, batch.dropped, batch.all_equal) == (1, 1, 1)
     assert [(s.rollout_id, round(s.advantage, 4)) for s in batch.samples] == [("a", 0.6667), ("b", -0.3333), ("c", -0.3333)]
     assert failure_counts(groups) == {"internal": 1, "deadline_exceeded": 2}
+
+
+async def test_a_rollout_the_trainer_gives_up_is_cancelled_on_the_env(env: Any, model_url: str) -> None:
+    """A pipelined step cancels groups that could only be trained too stale; their rollouts must end on the
+    env too, or they hold its slots (the math env answered 429 "at capacity" in a dynamic-sampling run)."""
+    url, app = env
+    sched = scheduler_for([url], model_url)
+    app.state.inits.clear()
+    job = asyncio.ensure_future(sched.run_groups([(0, task("hang"))], group_size=2, step=1))
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(200):  # until the env has accepted both rollouts
+            await asyncio.sleep(0.05)
+            ids = [json.loads(body)["metadata"]["rollout_id"] for body in app.state.inits]
+            if len(ids) == 2 and [(await client.get("/status", params={"rollout_id": i})).status_code
+                                  for i in ids] == [200, 200]:
+                break
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        codes = [(await client.get("/status", params={"rollout_id": i})).json()["status"]["code"] for i in ids]
+    await sched.pool.aclose()
+    assert codes == [StatusCode.CANCELLED, StatusCode.CANCELLED]

@@ -253,6 +253,12 @@ class RolloutScheduler:
             await self._cancel(slot, rid)
             return StatusResponse(terminated=True, status=Status.error(
                 StatusCode.DEADLINE_EXCEEDED, f"rollout not terminal after its deadline of {self.deadline_s:g}s; cancelled"))
+        except asyncio.CancelledError:
+            # The trainer gave the rollout up (a group that could only be trained staler than
+            # async.max_staleness, a step's overshoot, a stopped run): end it on the env too, or it
+            # keeps holding one of the env's slots and generating until it ends by itself.
+            await asyncio.shield(self._cancel(slot, rid))
+            raise
 
     async def _wait(self, slot: EnvSlot, rid: str) -> StatusResponse:
         if slot.wait == "undecided":
