@@ -62,3 +62,39 @@ def test_user_preloads_are_kept() -> None:
     env = preload_env({"LD_PRELOAD": "/opt/libfoo.so", "PATH": "/bin"})
     assert env is not None and env["LD_PRELOAD"] == f"{lib}:/opt/libfoo.so"
     assert preload_env({"LD_PRELOAD": lib}) is None  # already there: nothing to do
+    # serve, eval, sft: jemalloc with its default decay (only the training loop releases kept pages)
+    assert "MALLOC_CONF" not in (preload_env({"PATH": "/bin"}, keep_pages=False) or {})
+
+
+# Frees 300 MB of touched 1 MB blocks, then asks jemalloc to hand its kept pages back.
+PURGE_CHILD = """
+import os
+from trainer.commands.allocator import reexec_under_jemalloc, release_free_pages
+reexec_under_jemalloc()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+blocks = [bytearray(1 << 20) for _ in range(300)]
+del blocks
+kept = rss()
+released = release_free_pages()
+print(kept, rss(), released)
+"""
+
+
+def _purge(env: dict[str, str]) -> tuple[int, int, bool]:
+    out = subprocess.run([sys.executable, "-c", PURGE_CHILD], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
+    kept, after, released = out.stdout.split()
+    return int(kept), int(after), released == "True"
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 not installed (make install adds it as root)")
+def test_kept_pages_go_back_to_the_kernel_when_released() -> None:
+    """The training loop calls release_free_pages once a step: without it, kept pages only grow."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENRFT_ALLOCATOR", "MALLOC_CONF")}
+    kept, after, released = _purge(env)
+    assert released and kept - after > 200, (kept, after)  # the 300 MB freed were kept, then given back
+
+
+def test_releasing_pages_is_a_no_op_without_jemalloc() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"OPENRFT_ALLOCATOR": "system"}
+    assert _purge(env)[2] is False

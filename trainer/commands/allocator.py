@@ -14,17 +14,27 @@ the generation thread of a pipelined step (async.max_staleness 2, SmolLM2) spent
 taking 145 k minor page faults a second on pages just returned; with it, 0.2% and 0.4 k a second, steps went
 from 9.4 s to 5.4 s, and peak RSS from 1.89 to 2.07 GB (8-step demo runs, 2-core CPU).
 
+Kept pages are never reused well enough to stay bounded (a pipelined demo run's peak RSS grew ~19 MB
+a step, to 3.8 GB at step 80), so the training loop hands them back once a step (`release_free_pages`):
+memory stays at one step's high-water mark, and the pages in use fault back in once a step instead of
+all the time (36-step pipelined demo runs: 7.75 s a step at a flat 1.9 GB; with a release only after
+256 MB of growth, 7.96 s at 2.2 GB: no faster, within the noise). Only `openrft train` and `demo` keep
+pages; the others (serve, eval, sft) run with jemalloc's default decay.
+
 `OPENRFT_ALLOCATOR=system` keeps glibc's malloc. Without jemalloc installed (Debian/Ubuntu:
 `apt-get install libjemalloc2`; `make install` does it as root) nothing changes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 ENV_CHOICE = "OPENRFT_ALLOCATOR"  # "jemalloc" (default when installed) or "system"
 _MARK = "OPENRFT_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
@@ -43,22 +53,38 @@ def find_jemalloc() -> str | None:
     return name if name and Path(name).is_absolute() and Path(name).is_file() else None
 
 
-def preload_env(env: Mapping[str, str]) -> dict[str, str] | None:
-    """`env` with jemalloc added to LD_PRELOAD, or None when nothing is to change (not Linux, opted
-    out, not installed, already preloaded)."""
+def preload_env(env: Mapping[str, str], keep_pages: bool = True) -> dict[str, str] | None:
+    """`env` with jemalloc added to LD_PRELOAD (and, with `keep_pages`, KEEP_PAGES as MALLOC_CONF), or None
+    when nothing is to change (not Linux, opted out, not installed, already preloaded)."""
     if not sys.platform.startswith("linux") or env.get(ENV_CHOICE, "jemalloc") == "system" or _MARK in env:
         return None
     lib = find_jemalloc()
     preload = env.get("LD_PRELOAD", "")
     if lib is None or "jemalloc" in preload:
         return None
-    conf = {} if "MALLOC_CONF" in env else {"MALLOC_CONF": KEEP_PAGES, _CONF_MARK: "1"}
+    conf = {} if "MALLOC_CONF" in env or not keep_pages else {"MALLOC_CONF": KEEP_PAGES, _CONF_MARK: "1"}
     return {**env, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _MARK: lib, **conf}
 
 
-def reexec_under_jemalloc() -> None:
+_ARENAS_ALL = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena
+
+
+@functools.cache
+def _mallctl() -> Any:
+    return getattr(ctypes.CDLL(None), "mallctl", None)  # present when jemalloc is loaded
+
+
+def release_free_pages() -> bool:
+    """Give the free pages jemalloc kept back to the kernel (all arenas); False when jemalloc is not loaded."""
+    mallctl = _mallctl()
+    return mallctl is not None and mallctl(f"arena.{_ARENAS_ALL}.purge".encode(), None, None, None,
+                                           ctypes.c_size_t(0)) == 0
+
+
+def reexec_under_jemalloc(keep_pages: bool = True) -> None:
     """Replace this process by the same command under jemalloc, if `preload_env` says so; return
-    otherwise. In the re-executed process, LD_PRELOAD is put back as the user had it, so env servers
+    otherwise. `keep_pages` only for commands that call `release_free_pages` as they go (training).
+    In the re-executed process, LD_PRELOAD is put back as the user had it, so env servers
     and other children it starts keep their own allocator."""
     if _MARK in os.environ:
         lib = os.environ.pop(_MARK)
@@ -70,7 +96,7 @@ def reexec_under_jemalloc() -> None:
         else:
             os.environ.pop("LD_PRELOAD", None)
         return
-    env = preload_env(os.environ)
+    env = preload_env(os.environ, keep_pages)
     if env is None:
         return
     sys.stdout.flush()

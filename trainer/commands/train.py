@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from env_sdk import Task
 from trainer.commands.progress import Pace, progress_bar
 from trainer.commands.pipeline import GroupFeed, sample_metrics, sampler_backend
+from trainer.commands.allocator import release_free_pages
 from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
 from trainer.commands.trackers import TrackerError, Trackers
 from trainer.config import (
@@ -241,6 +242,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
             traces.trained(step, batch.samples, start_ns=learn_ns, end_ns=time.time_ns())
             await sync_weights(backend, learner, run_dir, step)
             feed.advance(step)
+            release_free_pages()  # bounded memory under jemalloc's kept pages (commands/allocator.py)
             t_learn = time.perf_counter() - t1
             t_step = time.perf_counter() - t0
 
