@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from trainer.commands.allocator import find_jemalloc, preload_env
+from trainer.commands.allocator import KEEP_PAGES, find_jemalloc, preload_env
 
 # The child process stands in for `openrft train`: it asks to be re-executed, then reports.
 CHILD = """
 import ctypes, os
 from trainer.commands.allocator import reexec_under_jemalloc
 print("pid", os.getpid(), flush=True)
-reexec_under_jemalloc()
+reexec_under_jemalloc(keep_pages=True)
 maps = open("/proc/self/maps").read()
 decay = "-"
 if "libjemalloc" in maps:  # the option jemalloc read at start-up
@@ -62,15 +62,17 @@ def test_user_preloads_are_kept() -> None:
     env = preload_env({"LD_PRELOAD": "/opt/libfoo.so", "PATH": "/bin"})
     assert env is not None and env["LD_PRELOAD"] == f"{lib}:/opt/libfoo.so"
     assert preload_env({"LD_PRELOAD": lib}) is None  # already there: nothing to do
-    # serve, eval, sft: jemalloc with its default decay (only the training loop releases kept pages)
-    assert "MALLOC_CONF" not in (preload_env({"PATH": "/bin"}, keep_pages=False) or {})
+    # serve, eval, sft and bench's TRL baseline: jemalloc with its default decay (only openrft's training loop
+    # releases kept pages, so only train and demo ask to keep them)
+    assert "MALLOC_CONF" not in preload_env({"PATH": "/bin"})
+    assert preload_env({"PATH": "/bin"}, keep_pages=True)["MALLOC_CONF"] == KEEP_PAGES
 
 
 # Frees 300 MB of touched 1 MB blocks, then asks jemalloc to hand its kept pages back.
 PURGE_CHILD = """
 import os
 from trainer.commands.allocator import reexec_under_jemalloc, release_free_pages
-reexec_under_jemalloc()
+reexec_under_jemalloc(keep_pages=True)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
 blocks = [bytearray(1 << 20) for _ in range(300)]
 del blocks

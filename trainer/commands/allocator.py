@@ -40,6 +40,7 @@ ENV_CHOICE = "OPENRFT_ALLOCATOR"  # "jemalloc" (default when installed) or "syst
 _MARK = "OPENRFT_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
 _CONF_MARK = "OPENRFT_ALLOCATOR_CONF"  # set when MALLOC_CONF is ours: children do not inherit it
 KEEP_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+KEEPS_PAGES = frozenset({"train", "demo"})  # the commands whose training loop calls release_free_pages
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -53,7 +54,7 @@ def find_jemalloc() -> str | None:
     return name if name and Path(name).is_absolute() and Path(name).is_file() else None
 
 
-def preload_env(env: Mapping[str, str], keep_pages: bool = True) -> dict[str, str] | None:
+def preload_env(env: Mapping[str, str], keep_pages: bool = False) -> dict[str, str] | None:
     """`env` with jemalloc added to LD_PRELOAD (and, with `keep_pages`, KEEP_PAGES as MALLOC_CONF), or None
     when nothing is to change (not Linux, opted out, not installed, already preloaded)."""
     if not sys.platform.startswith("linux") or env.get(ENV_CHOICE, "jemalloc") == "system" or _MARK in env:
@@ -81,9 +82,9 @@ def release_free_pages() -> bool:
                                            ctypes.c_size_t(0)) == 0
 
 
-def reexec_under_jemalloc(keep_pages: bool = True) -> None:
+def reexec_under_jemalloc(keep_pages: bool = False) -> None:
     """Replace this process by the same command under jemalloc, if `preload_env` says so; return
-    otherwise. `keep_pages` only for commands that call `release_free_pages` as they go (training).
+    otherwise. `keep_pages` only for commands that call `release_free_pages` as they go (KEEPS_PAGES).
     In the re-executed process, LD_PRELOAD is put back as the user had it, so env servers
     and other children it starts keep their own allocator."""
     if _MARK in os.environ:

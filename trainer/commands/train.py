@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from env_sdk import Task
+from trainer.commands.allocator import release_free_pages
 from trainer.commands.progress import Pace, progress_bar
 from trainer.commands.pipeline import GroupFeed, sample_metrics, sampler_backend
-from trainer.commands.allocator import release_free_pages
 from trainer.commands.runtime import peak_memory_mb, seed_everything, torch_threads
 from trainer.commands.trackers import TrackerError, Trackers
 from trainer.config import (
