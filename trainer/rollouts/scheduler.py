@@ -119,6 +119,7 @@ class RolloutScheduler:
         self.retried: Counter[str] = Counter()  # the failures that were retried, by kind
         self.max_consecutive_failures = max_consecutive_failures  # 0: no circuit breaker
         self.consecutive_failures = 0
+        self.opened: str | None = None  # the circuit breaker's message once it opened
 
     async def run_groups(self, tasks: Sequence[tuple[int, Task]], group_size: int, step: int,
                          on_rollout: Callable[[RolloutResult], None] | None = None,
@@ -156,11 +157,13 @@ class RolloutScheduler:
             return
         self.consecutive_failures += 1
         if self.max_consecutive_failures and self.consecutive_failures >= self.max_consecutive_failures:
-            raise CircuitOpen(
+            # it opens once: groups still ending while their step stops report the same opening
+            self.opened = self.opened or (
                 f"{self.consecutive_failures} rollouts in a row failed for infrastructure reasons "
                 f"(rollout.max_consecutive_failures = {self.max_consecutive_failures}); the last on "
                 f"{result.env_url} after {result.attempts} attempt(s): {result.failure_kind}: {result.status.message}"
             )
+            raise CircuitOpen(self.opened)
 
     async def run_rollout(self, task: Task, *, task_index: int, group: int, rollout_id: str) -> RolloutResult:
         """One rollout to its end, with bounded retries of retryable failures."""
