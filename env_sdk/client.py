@@ -98,7 +98,10 @@ class EnvClient:
         # At most max_connections requests inside httpx at a time: its pool scans every queued
         # request on each assignment, so thousands queued there cost O(n^2) CPU.
         self._slots = asyncio.Semaphore(max_connections)
-        self._batch_supported = True  # POST /status/batch, until a 404/405 says otherwise
+        # POST /status/batch: None until the server's first answer tells; concurrent waiters
+        # wait for that one quick probe, so a server without it is asked (and answers 404) once.
+        self._batch_supported: bool | None = None
+        self._batch_probe = asyncio.Lock()
         self._inits = InitBatcher(self)
 
     async def __aenter__(self) -> EnvClient:
@@ -226,6 +229,13 @@ class EnvClient:
             return {}
         end = time.monotonic() + timeout_s
         delay = 0.05
+        if self._batch_supported is None:
+            async with self._batch_probe:
+                if self._batch_supported is None:
+                    found = await self._batch_any(ids, 0.0, 0.0)  # answers at once: supported or 404
+                    self._batch_supported = self._batch_supported is not False
+                    if found:
+                        return found
         while True:
             wait_s = max(0.0, min(end - time.monotonic(), MAX_WAIT_S))
             if self._batch_supported:

@@ -113,3 +113,17 @@ async def test_a_server_without_batch_or_long_poll_still_works() -> None:
     assert got["nobody"].status.code == StatusCode.NOT_FOUND
     assert rec.paths["/status/batch"] == 1  # tried once, then per-id polling
     assert rec.paths["/status"] < 40  # with backoff, not a hot loop
+
+
+async def test_concurrent_waiters_ask_a_server_without_batch_once() -> None:
+    """Two waiters start before the server's first 404 arrives: one probe, not one per waiter
+    (a two-endpoint env in training saw two POST /status/batch from two env waiters' polls)."""
+    rec = Recorder(foreign_app(0.2))
+    with serve_app(rec) as url:
+        async with EnvClient(url) as env:
+            ids = [f"c{i}" for i in range(6)]
+            for rid in ids:
+                await env.init(request(rid))
+            answers = await asyncio.gather(*(env.wait_many([rid], timeout_s=5) for rid in ids))
+    assert all(a[rid].terminated for a, rid in zip(answers, ids))
+    assert rec.paths["/status/batch"] == 1
