@@ -88,6 +88,11 @@ class OptimConfig(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="lr over the run's steps: constant, or decaying (linear, cosine) to "
+        "lr * min_lr_ratio at the last step (trainer/learning/schedule.py)")
+    warmup_steps: int = Field(default=0, ge=0, description="steps over which lr ramps up linearly from lr / warmup_steps")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="the decaying schedules' last lr, as a fraction of lr")
 
 
 class GrpoConfig(_Section):

@@ -66,6 +66,7 @@ from trainer.learning.checkpoints import (
     start_from_adapter,
     truncate_logs,
 )
+from trainer.learning.schedule import lr_at
 from trainer.rollouts import (
     CircuitOpen,
     EnvPool,
@@ -231,10 +232,11 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
                 logger.warning("step %d trained nothing: %s", step, reason)
 
             t1 = time.perf_counter()
+            lr = lr_at(step, config.steps, config.optim)
 
             def learn() -> dict[str, float]:
                 with lock:
-                    return learner.train_step(batch.samples)
+                    return learner.train_step(batch.samples, lr=lr)
 
             learn_ns = time.time_ns()
             with feed.learning(taken.metrics):
@@ -248,7 +250,7 @@ async def _loop(config: TrainConfig, run_dir: Path, start: int, tasks: list[Task
 
             metrics: dict[str, Any] = {"step": step, **reward_metrics(groups)}
             metrics.update({
-                "loss": stats["loss"], "kl": stats["kl"], "clip_frac": stats["clip_frac"],
+                "loss": stats["loss"], "kl": stats["kl"], "clip_frac": stats["clip_frac"], "lr": lr,
                 "tokens_per_s": gen_tokens / t_step if t_step > 0 else 0.0,
                 "generate/tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
                 "time/generate": gen_s, "time/env": max(0.0, t_rollouts - gen_s), "time/learn": t_learn,

@@ -70,10 +70,10 @@ class Ranks:
         self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]
 
-    def share(self, samples: list[Sample]) -> None:
-        """Rank 0: hand the step's samples to the other ranks (they are in `follow`)."""
+    def share(self, samples: list[Sample], lr: float) -> None:
+        """Rank 0: hand the step's samples and learning rate to the other ranks (they are in `follow`)."""
         if self.rank == 0:
-            self._send(("step", samples))
+            self._send(("step", samples, lr))
 
     def join(self, learner: Learner) -> None:
         """Rank 0 (after building its learner and loading any checkpoint): make every rank's LoRA weights
@@ -124,7 +124,7 @@ class Ranks:
             if message[0] == "sync":
                 self._sync(learner)
             elif message[0] == "step":
-                learner.train_step(message[1])
+                learner.train_step(message[1], lr=message[2])
             elif message[0] == "gather":
                 self._gather(learner, message[1])
 

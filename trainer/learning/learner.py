@@ -279,11 +279,15 @@ class Learner:
                 totals[k] = totals.get(k, 0.0) + v
         return total_loss, totals
 
-    def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """One GRPO update (grpo.epochs optimizer steps) on one step's samples."""
+    def train_step(self, samples: list[Sample], lr: float | None = None) -> dict[str, float]:
+        """One GRPO update (grpo.epochs optimizer steps) on one step's samples, at learning rate
+        `lr` (None: the one set last, initially optim.lr)."""
         samples = [s for s in samples if s.num_loss_tokens > 0]
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         if self.ranks is not None:
-            self.ranks.share(samples)
+            self.ranks.share(samples, self.optimizer.param_groups[0]["lr"])
         if not samples:
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "tokens": 0.0}
         g = self.grpo
