@@ -48,7 +48,10 @@ def test_an_unknown_schedule_is_a_config_error() -> None:
 def test_the_learner_trains_at_the_lr_it_is_given(tiny_model: Path) -> None:  # noqa: F811
     learner = make_learner(tiny_model)
     samples = _samples(learner, [(4, 3), (6, 2)])
-    trainable = lambda: torch.cat([p.detach().flatten().clone() for p in learner.model.parameters() if p.requires_grad])  # noqa: E731
+
+    def trainable() -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in learner.model.parameters() if p.requires_grad])
+
     before = trainable()
     learner.train_step(samples, lr=0.0)
     assert torch.equal(trainable(), before)  # lr 0: nothing moves
