@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for name, sets in variants:
-        print(f"training: {name} ({' '.join(sets)}), {args.steps} steps ...", flush=True)
+        print(f"training: {name} (steps={args.steps} {' '.join(sets)}) ...", flush=True)
         runs.append(_train(out, model, train, name, sets, args.steps, ckpt, extra))
     if args.eval_every:
         for run in runs:
