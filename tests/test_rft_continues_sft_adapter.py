@@ -42,9 +42,9 @@ def test_rft_starts_from_the_sft_adapter(tiny_model: Path, sft_adapter: Path, tm
     seen: list[dict[str, torch.Tensor]] = []
     original = Learner.train_step
 
-    def spy(self: Learner, samples: list[Any]) -> dict[str, float]:
+    def spy(self: Learner, samples: list[Any], lr: float | None = None) -> dict[str, float]:
         seen.append(lora_state(self.model))  # the weights the step starts from
-        return original(self, samples)
+        return original(self, samples, lr=lr)
 
     monkeypatch.setattr(Learner, "train_step", spy)
     with serve_app(create_env_app(vowel_agent)) as url:
