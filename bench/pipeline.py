@@ -86,10 +86,10 @@ def _evaluate(run: dict[str, Any], model: Path, test: Path, every: int) -> dict[
     from trainer.config import load_config
 
     scores = {}
+    config = load_config(DEMO, [f"model={model}", f"dataset={test}", f"run_dir={run['run_dir']}", "progress=false"])
     last = len(run["metrics"])  # a variant may set its own `steps`; its last step is checkpointed too
     for step in sorted({*range(every, last + 1, every), last}):
         adapter = run["run_dir"] / "checkpoints" / f"step_{step:06d}" / "adapter"
-        config = load_config(DEMO, [f"model={model}", f"dataset={test}", f"run_dir={run['run_dir']}", "progress=false"])
         scores[step] = evaluate(_eval_config(config, dataset=test, adapter=adapter,
                                              out=run["run_dir"] / f"eval_step_{step:06d}.json")).mean_reward
     return scores

@@ -232,8 +232,7 @@ class EnvClient:
         if self._batch_supported is None:
             async with self._batch_probe:
                 if self._batch_supported is None:
-                    found = await self._batch_any(ids, 0.0, 0.0)  # answers at once: supported or 404
-                    self._batch_supported = self._batch_supported is not False
+                    found = await self._batch_any(ids, 0.0, 0.0)  # answers at once: it decides either way
                     if found:
                         return found
         while True:
@@ -282,6 +281,7 @@ class EnvClient:
         content = json.dumps({"rollout_ids": ids, "wait_s": round(wait_s, 3), "linger_s": linger_s}).encode()
         resp = await self._request("POST", "/status/batch", content=content, wait_s=wait_s)
         batch = self._parse(StatusBatchResponse, resp)
+        self._batch_supported = True
         found = {rid: st for rid, st in batch.statuses.items() if st.terminated}
         found.update((rid, _unknown_status(rid)) for rid in batch.unknown)
         return found

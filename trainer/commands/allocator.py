@@ -40,7 +40,7 @@ ENV_CHOICE = "OPENRFT_ALLOCATOR"  # "jemalloc" (default when installed) or "syst
 _MARK = "OPENRFT_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
 _CONF_MARK = "OPENRFT_ALLOCATOR_CONF"  # set when MALLOC_CONF is ours: children do not inherit it
 KEEP_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-KEEPS_PAGES = frozenset({"train", "demo"})  # the commands whose training loop calls release_free_pages
+PAGE_KEEPING_COMMANDS = frozenset({"train", "demo"})  # the commands whose training loop calls release_free_pages
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -84,7 +84,7 @@ def release_free_pages() -> bool:
 
 def reexec_under_jemalloc(keep_pages: bool = False) -> None:
     """Replace this process by the same command under jemalloc, if `preload_env` says so; return
-    otherwise. `keep_pages` only for commands that call `release_free_pages` as they go (KEEPS_PAGES).
+    otherwise. `keep_pages` only for commands that call `release_free_pages` as they go (PAGE_KEEPING_COMMANDS).
     In the re-executed process, LD_PRELOAD is put back as the user had it, so env servers
     and other children it starts keep their own allocator."""
     if _MARK in os.environ:
