@@ -28,9 +28,20 @@ def load_model(
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _contiguous_input(module: "torch.nn.Module", args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The LM head's input, made contiguous. `logits_to_keep` hands the head a strided slice of the
+    hidden states; torch.matmul cannot fold that [B, T, H] view into one [B*T, H] matrix product, so
+    it copies the weight once per row into a batched product: on CPU a [8, 1, 576] slice against
+    SmolLM2's [49152, 576] head took 818 ms in bfloat16 (9.7 ms contiguous) and 84 ms in float32 (21)."""
+    return (args[0].contiguous(), *args[1:]) if args and hasattr(args[0], "contiguous") else args
 
 
 def load_tokenizer(model_dir: str | Path) -> "PreTrainedTokenizerBase":
