@@ -11,6 +11,7 @@ target - logsumexp(logits): the full log-softmax tensor is never materialised.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,8 @@ from trainer.types import Sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
+logger = logging.getLogger("trainer.learning")
+
 
 def resolve_device(device: str) -> str:
     if device == "auto":
@@ -34,9 +37,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX): there bf16 runs ~2x faster than
+    float32; elsewhere torch emulates it, slower."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+        logger.warning("dtype bfloat16 on a CPU without native bf16 (avx512_bf16 / AMX): emulated, likely "
+                       "slower than float32 here")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
