@@ -37,10 +37,7 @@ HEAVY = {"sft", "train", "eval", "serve", "demo"}
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] and sys.argv[1] in HEAVY:  # a process of its own, not a call
-        from trainer.commands.allocator import (
-            PAGE_KEEPING_COMMANDS,
-            reexec_under_jemalloc,
-        )
+        from trainer.commands.allocator import PAGE_KEEPING_COMMANDS, reexec_under_jemalloc
 
         reexec_under_jemalloc(keep_pages=sys.argv[1] in PAGE_KEEPING_COMMANDS)
     argv = sys.argv[1:] if argv is None else argv
